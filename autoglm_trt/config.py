@@ -1,0 +1,236 @@
+"""Configuration dataclasses, one per concern, validated in __post_init__.
+
+`ModelConfig` is read from a Hugging Face `config.json` (model_type `glm4v`); the others are the
+knobs of the engine (cache, scheduler, parallel) and are filled from the CLI or `LLM(...)`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autoglm_trt.errors import UserError
+
+SUPPORTED_MODEL_TYPES = ("glm4v",)
+
+
+def _check_positive(name: str, value: int | float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 151552
+    hidden_size: int = 4096
+    intermediate_size: int = 13696
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 2
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.5
+    mrope_section: tuple[int, ...] = (8, 12, 12)
+    max_position_embeddings: int = 65536
+    attention_bias: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "intermediate_size"):
+            _check_positive(name, getattr(self, name))
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads, got "
+                             f"{self.num_attention_heads} and {self.num_key_value_heads}")
+        if 2 * sum(self.mrope_section) != self.rotary_dim:
+            raise ValueError(f"mrope_section {list(self.mrope_section)} must sum to rotary_dim/2 = "
+                             f"{self.rotary_dim // 2}")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    depth: int = 24
+    hidden_size: int = 1536
+    num_heads: int = 12
+    intermediate_size: int = 13696
+    out_hidden_size: int = 4096
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    image_size: int = 336
+    in_channels: int = 3
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "hidden_size", "num_heads", "patch_size", "spatial_merge_size"):
+            _check_positive(name, getattr(self, name))
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision hidden_size {self.hidden_size} must divide by num_heads {self.num_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    text: TextConfig
+    vision: VisionConfig
+    image_token_id: int = 151343
+    video_token_id: int = 151344
+    image_start_token_id: int = 151339
+    image_end_token_id: int = 151340
+    video_start_token_id: int = 151341
+    video_end_token_id: int = 151342
+    eos_token_ids: tuple[int, ...] = (151329, 151336, 151338, 151348)
+    pad_token_id: int = 151329
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "bfloat16"
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ModelConfig":
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UserError(f"config.json has model_type {model_type!r}; autoglm-trt serves "
+                            f"{', '.join(SUPPORTED_MODEL_TYPES)} (GLM-4.1V / AutoGLM-Phone-9B) only")
+        # NOTE: older configs keep the text fields at the top level; text_config wins where both exist.
+        text_raw = {k: v for k, v in raw.items() if k not in ("text_config", "vision_config")}
+        text_raw.update(raw.get("text_config") or {})
+        vision_raw = raw.get("vision_config") or {}
+        eos = text_raw.get("eos_token_id") or list(cls.eos_token_ids)
+        return cls(
+            text=_text_from_dict(text_raw),
+            vision=_vision_from_dict(vision_raw),
+            eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
+            pad_token_id=text_raw.get("pad_token_id") or cls.pad_token_id,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            torch_dtype=str(text_raw.get("dtype") or raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
+            **{k: raw[k] for k in ("image_token_id", "video_token_id", "image_start_token_id",
+                                   "image_end_token_id", "video_start_token_id", "video_end_token_id")
+               if k in raw},
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        path = Path(model_dir)
+        if not path.is_dir():
+            raise UserError(f"model directory {path} does not exist (create one with "
+                            "`autoglm-trt init-random DIR` or download the checkpoint)")
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise UserError(f"{path} has no config.json: is it a Hugging Face model directory?")
+        try:
+            raw = json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{cfg} is not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{cfg} must hold a JSON object")
+        try:
+            return cls.from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{cfg} is not a valid GLM-4.1V config: {exc}") from None
+
+
+def _rope_params(raw: dict) -> dict:
+    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    params.setdefault("partial_rotary_factor", raw.get("partial_rotary_factor", 0.5))
+    return params
+
+
+def _text_from_dict(raw: dict) -> TextConfig:
+    rope = _rope_params(raw)
+    heads = raw.get("num_attention_heads", 32)
+    hidden = raw.get("hidden_size", 4096)
+    return TextConfig(
+        vocab_size=raw.get("vocab_size", 151552),
+        hidden_size=hidden,
+        intermediate_size=raw.get("intermediate_size", 13696),
+        num_hidden_layers=raw.get("num_hidden_layers", 40),
+        num_attention_heads=heads,
+        num_key_value_heads=raw.get("num_key_value_heads") or heads,
+        # NOTE: transformers' Glm4vTextAttention derives head_dim from hidden/heads and ignores the key.
+        head_dim=hidden // heads,
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
+        rope_theta=float(rope["rope_theta"]),
+        partial_rotary_factor=float(rope["partial_rotary_factor"]),
+        mrope_section=tuple(rope.get("mrope_section", (8, 12, 12))),
+        max_position_embeddings=raw.get("max_position_embeddings", 65536),
+        attention_bias=raw.get("attention_bias", True),
+    )
+
+
+def _vision_from_dict(raw: dict) -> VisionConfig:
+    rope = raw.get("rope_parameters") or {}
+    fields = VisionConfig.__dataclass_fields__
+    kwargs = {k: v for k, v in raw.items() if k in fields and k != "rope_theta"}
+    if "num_attention_heads" in raw and "num_heads" not in raw:
+        kwargs["num_heads"] = raw["num_attention_heads"]
+    if "num_hidden_layers" in raw and "depth" not in raw:
+        kwargs["depth"] = raw["num_hidden_layers"]
+    kwargs["rope_theta"] = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    return VisionConfig(**kwargs)
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    gpu_memory_utilization: float = 0.90  # fraction of the GPU the engine may use in all
+    num_blocks: int | None = None  # fixed number of KV blocks (CPU default: from max_model_len)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        if not 0.05 <= self.gpu_memory_utilization <= 0.99:
+            raise ValueError(f"gpu_memory_utilization must be in [0.05, 0.99], got {self.gpu_memory_utilization}")
+        if self.num_blocks is not None:
+            _check_positive("num_blocks", self.num_blocks)
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64  # sequences running at once
+    max_num_batched_tokens: int = 4096  # token budget of one step (chunked prefill splits past it)
+    max_model_len: int = 25480  # prompt + generated tokens of one sequence
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            _check_positive(name, getattr(self, name))
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    backend: str = "auto"  # "nccl" on GPUs, "gloo" on CPUs
+
+    def __post_init__(self) -> None:
+        _check_positive("tensor_parallel_size", self.tensor_parallel_size)
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"backend must be auto, nccl or gloo, got {self.backend}")
+
+
+@dataclass
+class EngineConfig:
+    model_dir: str
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    device: str = "auto"  # auto | cpu | cuda
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    enforce_eager: bool = False  # no CUDA graphs
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device}")

@@ -1,0 +1,80 @@
+"""Turn a SchedulerOutput into one flat token batch: ids, M-RoPE positions, cache slots, block tables.
+
+A StepBatch is plain data (lists and CPU tensors) so that rank 0 can broadcast it to tensor-parallel
+workers, which then run exactly the same forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from autoglm_trt.engine.scheduler import SchedulerOutput
+from autoglm_trt.engine.sequence import Sequence
+
+
+@dataclass
+class ImageChunk:
+    content_hash: str  # which image (embeddings come from the encoder cache)
+    row_start: int  # first embedding row used by this step
+    row_end: int
+
+
+@dataclass
+class StepBatch:
+    input_ids: list[int]  # [T] flat over sequences
+    positions: torch.Tensor  # [3, T] int64, M-RoPE (t, h, w)
+    slot_mapping: list[int]  # [T] cache slot of each token's K/V
+    cu_seqlens_q: list[int]  # [B+1]
+    seq_lens: list[int]  # [B] KV length after this step
+    block_tables: list[list[int]]  # [B][blocks]
+    logits_indices: list[int]  # rows of T whose logits are sampled, one per sampling sequence
+    image_chunks: list[ImageChunk] = field(default_factory=list)  # in flat-token order
+    is_decode: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def seq_positions(seq: Sequence, start: int, end: int) -> torch.Tensor:
+    """M-RoPE positions of tokens [start, end) of seq -> [3, end - start] int64."""
+    parts = []
+    n_prompt = seq.num_prompt_tokens if seq.mrope_positions is not None else 0
+    if start < n_prompt:
+        parts.append(torch.as_tensor(seq.mrope_positions)[:, start:min(end, n_prompt)])
+    if end > max(start, n_prompt):
+        lo = max(start, n_prompt)
+        parts.append(torch.arange(lo, end).add_(seq.mrope_delta).unsqueeze(0).expand(3, -1))
+    return torch.cat(parts, dim=1).long()
+
+
+def slots_for(seq: Sequence, start: int, end: int, block_size: int) -> list[int]:
+    table = seq.block_table
+    return [table[i // block_size] * block_size + i % block_size for i in range(start, end)]
+
+
+def image_chunks_for(seq: Sequence, start: int, end: int) -> list[ImageChunk]:
+    chunks = []
+    for s, e, h in seq.image_spans:
+        lo, hi = max(start, s), min(end, e)
+        if lo < hi:
+            chunks.append(ImageChunk(h, lo - s, hi - s))
+    return chunks
+
+
+def build_batch(out: SchedulerOutput, block_size: int) -> StepBatch:
+    ids, pos, slots, cu, lens, tables, logits_idx, images = [], [], [], [0], [], [], [], []
+    for sch in out.scheduled:
+        seq, start, end = sch.seq, sch.start, sch.start + sch.num_new_tokens
+        ids += seq.token_ids[start:end]
+        pos.append(seq_positions(seq, start, end))
+        slots += slots_for(seq, start, end, block_size)
+        cu.append(cu[-1] + sch.num_new_tokens)
+        lens.append(end)
+        tables.append(list(seq.block_table))
+        images += image_chunks_for(seq, start, end)
+        if sch.samples:
+            logits_idx.append(cu[-1] - 1)
+    return StepBatch(ids, torch.cat(pos, dim=1), slots, cu, lens, tables, logits_idx, images, out.is_decode)

@@ -1,0 +1,141 @@
+"""Runs the model on one StepBatch: images through the vision tower once, then the decoder over the paged KV.
+
+The runner owns the device state (weights, KV cache, CUDA graphs, encoder cache); the scheduler never
+sees a tensor. Decode steps replay a CUDA graph on GPU; everything else runs eagerly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import torch
+
+from autoglm_trt.config import EngineConfig, ModelConfig
+from autoglm_trt.engine import kv_cache as kvc
+from autoglm_trt.engine.batch import StepBatch
+from autoglm_trt.engine.sequence import Sequence
+from autoglm_trt.layers.context import AttentionContext, reset_context, set_context
+from autoglm_trt.utils.logging import log
+
+
+class EncoderCache:
+    """Image embeddings by content hash, LRU-bounded in rows (repeated screenshots skip the tower)."""
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows, self.rows = max_rows, 0
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def get(self, key: str) -> torch.Tensor | None:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+        return self.entries.get(key)
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        self.entries[key] = value
+        self.rows += value.shape[0]
+        while self.rows > self.max_rows and len(self.entries) > 1:
+            _, old = self.entries.popitem(last=False)
+            self.rows -= old.shape[0]
+
+
+class ModelRunner:
+    def __init__(self, model, model_cfg: ModelConfig, cfg: EngineConfig, device: torch.device) -> None:
+        self.model, self.model_cfg, self.cfg, self.device = model, model_cfg, cfg, device
+        self.dtype = next(model.parameters()).dtype
+        self.block_size = cfg.cache.block_size
+        self.encoder_cache = EncoderCache(max_rows=4 * cfg.scheduler.max_num_batched_tokens + 16384)
+        heads = model.language_model.layers[0].self_attn.num_kv_heads
+        self.spec = kvc.spec_for(model_cfg, cfg.cache, heads, self.dtype)
+        self.num_blocks = self._size_cache()
+        self.kv_caches = kvc.allocate_kv_cache(self.spec, self.num_blocks, device)
+        self.graphs = None
+        if device.type == "cuda" and not cfg.enforce_eager:
+            self._capture_graphs()
+
+    # ---- start-up --------------------------------------------------------------------------------
+    def _size_cache(self) -> int:
+        if self.cfg.cache.num_blocks:
+            return self.cfg.cache.num_blocks
+        if self.device.type != "cuda":
+            return kvc.cpu_num_blocks(self.spec, self.cfg.scheduler)
+        peak = self._profile_peak_bytes()
+        return kvc.gpu_num_blocks(self.spec, self.cfg.cache, self.device, peak)
+
+    @torch.inference_mode()
+    def _profile_peak_bytes(self) -> int:
+        """Peak memory of the largest prefill step (plain attention, no cache) on top of the weights."""
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(self.cfg.scheduler.max_num_batched_tokens, self.cfg.scheduler.max_model_len)
+        ids = torch.randint(0, 1000, (n,), device=self.device)
+        pos = torch.arange(n, device=self.device).expand(3, -1)
+        hidden = self.model(self.model.embed(ids), pos)
+        self.model.compute_logits(hidden[-self.cfg.scheduler.max_num_seqs:])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        torch.cuda.empty_cache()
+        return peak
+
+    def _capture_graphs(self) -> None:
+        from autoglm_trt.engine.cuda_graph import DecodeGraphs
+
+        t0 = time.perf_counter()
+        sizes = [b for b in self.cfg.cuda_graph_batch_sizes if b <= self.cfg.scheduler.max_num_seqs]
+        max_blocks = -(-self.cfg.scheduler.max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, sizes or [1], max_blocks, self.device)
+        self.graphs.capture()
+        log(f"captured {len(self.graphs.graphs)} CUDA graphs (batch {sizes}) in {time.perf_counter() - t0:.1f} s")
+
+    # ---- one step ------------------------------------------------------------------------------
+    def encode_images(self, seqs: list[Sequence]) -> None:
+        """Run the vision tower once for every image of `seqs` not yet in the encoder cache."""
+        todo = {img.content_hash: img for s in seqs for img in s.images if self.encoder_cache.get(img.content_hash) is None}
+        if not todo:
+            return
+        images = list(todo.values())
+        pixels = torch.cat([torch.as_tensor(i.pixel_values) for i in images]).to(self.device)
+        grids = [tuple(i.grid_thw) for i in images]
+        with torch.inference_mode():
+            embeds = self.model.encode_images(pixels, grids)  # [sum tokens, hidden]
+        sizes = [t * h * w // self.model_cfg.vision.spatial_merge_size ** 2 for t, h, w in grids]
+        for img, emb in zip(images, embeds.split(sizes)):
+            self.encoder_cache.put(img.content_hash, emb)
+
+    def _image_embeds(self, batch: StepBatch) -> torch.Tensor | None:
+        if not batch.image_chunks:
+            return None
+        return torch.cat([self.encoder_cache.get(c.content_hash)[c.row_start:c.row_end] for c in batch.image_chunks])
+
+    def _tables(self, tables: list[list[int]]) -> torch.Tensor:
+        width = max(1, max(len(t) for t in tables))
+        out = torch.full((len(tables), width), -1, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            out[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        return out.to(self.device, non_blocking=True)
+
+    def _context(self, batch: StepBatch) -> AttentionContext:
+        dev, i32 = self.device, torch.int32
+        cu = batch.cu_seqlens_q
+        return AttentionContext(
+            slot_mapping=torch.tensor(batch.slot_mapping, dtype=torch.long).to(dev, non_blocking=True),
+            cu_seqlens_q=torch.tensor(cu, dtype=i32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(batch.seq_lens, dtype=i32).to(dev, non_blocking=True),
+            block_tables=self._tables(batch.block_tables),
+            max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])), max_seqlen_k=max(batch.seq_lens),
+            is_decode=batch.is_decode, kv_caches=self.kv_caches)
+
+    @torch.inference_mode()
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        """-> logits [len(batch.logits_indices), vocab] float32."""
+        if batch.is_decode and self.graphs is not None and self.graphs.bucket(batch.num_tokens):
+            return self.graphs.run(batch.input_ids, batch.positions.to(self.device), batch.slot_mapping,
+                                   batch.seq_lens, batch.block_tables)
+        ids = torch.tensor(batch.input_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        embeds = self.model.embed(ids, self._image_embeds(batch))
+        set_context(self._context(batch))
+        try:
+            hidden = self.model(embeds, batch.positions.to(self.device))  # [T, hidden]
+        finally:
+            reset_context()
+        rows = torch.tensor(batch.logits_indices, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows))

@@ -1,0 +1,37 @@
+"""What the engine hands back each step: per-request deltas, and engine-wide statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autoglm_trt.layers.sampler import TokenLogprob
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]  # tokens produced since the last output of this request
+    new_text: str  # their text, incremental; stop strings trimmed, partial stop-string prefixes held back
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int  # prompt tokens served by the prefix cache
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when asked for
+    stop_reason: str | int | None = None  # the stop string or token that ended it, if any
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of KV blocks in use, 0..1
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of which found
+    block_size: int = 16
+
+    @property
+    def kv_blocks_in_use(self) -> int:
+        return self.num_total_blocks - self.num_free_blocks

@@ -1,0 +1,63 @@
+"""Rotary embeddings: the text decoder's partial, interleaved M-RoPE and the vision tower's 2D RoPE."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MRotaryEmbedding(nn.Module):
+    """M-RoPE over the first `rotary_dim` dims of each head, GPT-J style (pairs x[2i], x[2i+1]).
+
+    The rotary frequency pairs are split by `mrope_section` (e.g. [8, 12, 12] of 32 pairs): the first
+    section rotates by the temporal position, the second by the height, the third by the width.
+    """
+
+    def __init__(self, head_dim: int, rotary_dim: int, theta: float, mrope_section: tuple[int, ...]) -> None:
+        super().__init__()
+        self.head_dim, self.rotary_dim = head_dim, rotary_dim
+        inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
+        axis = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(mrope_section)])
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [rotary_dim / 2]
+        self.register_buffer("axis", axis, persistent=False)  # [rotary_dim / 2] in {0, 1, 2}
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [3, T] -> cos, sin [T, rotary_dim / 2] (float32)."""
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq  # [3, T, R/2]
+        angle = freqs.gather(0, self.axis.view(1, 1, -1).expand(1, freqs.shape[1], -1)).squeeze(0)  # [T, R/2]
+        return angle.cos(), angle.sin()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, head_dim]; rotates the first rotary_dim dims in interleaved pairs."""
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim:]
+        pairs = rot.unflatten(-1, (-1, 2))  # [T, heads, R/2, 2]
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        c = cos.to(x.dtype).unsqueeze(1)  # [T, 1, R/2]
+        s = sin.to(x.dtype).unsqueeze(1)
+        out = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)
+        return torch.cat((out, rest), dim=-1)
+
+
+class VisionRotaryEmbedding(nn.Module):
+    """2D RoPE for the vision tower: half the pairs rotate by the patch row, half by the column."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        spatial = head_dim // 2
+        inv_freq = 1.0 / (theta ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [head_dim / 4]
+
+    def cos_sin(self, hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hw [N, 2] (row, col) -> cos, sin [N, head_dim] (float32), laid out [h, w, h, w]."""
+        freqs = hw.float().unsqueeze(-1) * self.inv_freq  # [N, 2, head_dim / 4]
+        half = freqs.flatten(1)  # [N, head_dim / 2]: h freqs then w freqs
+        angle = torch.cat((half, half), dim=-1)
+        return angle.cos(), angle.sin()
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [N, heads, head_dim] rotated in float32 (rotate-half layout), returned in x's dtype."""
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+        return (xf * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to(x.dtype)

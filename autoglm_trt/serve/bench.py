@@ -1,0 +1,287 @@
+"""`autoglm-trt bench`: an async load generator over the OpenAI streaming chat API.
+
+For each concurrency level, `concurrency` clients send streaming requests back to back (bounded by
+a request count and a time limit) and we report TTFT and inter-token latency p50/p99, requests/s
+and output tokens/s. Prompts are made of common words, calibrated against the server's own token
+counts (usage.prompt_tokens) to reach --prompt-len; each prompt is unique so the prefix cache does
+not flatter TTFT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from autoglm_trt.errors import UserError
+
+WORDS = ("time person year way day thing man world life hand part child eye woman place work week "
+         "case point government company number group problem fact water room mother area money "
+         "story month lot right study book word business issue side kind head house service friend "
+         "father power hour game line end member law car city name president team minute idea body "
+         "information back parent face others level office door health art war history party result "
+         "change morning reason research girl guy moment air teacher force education phone screen "
+         "button settings message photo music video app window page").split()
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    latency: float = 0.0  # seconds, send to last byte
+    ttft: float | None = None  # seconds to the first generated text
+    itls: list[float] = field(default_factory=list)  # gaps between text chunks after the first
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class LevelSummary:
+    concurrency: int
+    requests: int
+    failed: int
+    duration_s: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    itl_p50_ms: float
+    itl_p99_ms: float
+    tpot_mean_ms: float  # (latency - ttft) / (output tokens - 1), averaged over requests
+    mean_prompt_tokens: float
+    mean_output_tokens: float
+    first_error: str | None = None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method); NaN for no values."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(concurrency: int, results: list[RequestResult], duration_s: float) -> LevelSummary:
+    ok = [r for r in results if r.ok]
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    itls = [gap for r in ok for gap in r.itls]
+    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok
+             if r.ttft is not None and r.output_tokens > 1]
+    out_tokens = sum(r.output_tokens for r in ok)
+    dur = max(duration_s, 1e-9)
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    return LevelSummary(
+        concurrency=concurrency, requests=len(results), failed=len(results) - len(ok), duration_s=duration_s,
+        requests_per_s=len(ok) / dur, output_tokens_per_s=out_tokens / dur,
+        ttft_p50_ms=1e3 * percentile(ttfts, 50), ttft_p99_ms=1e3 * percentile(ttfts, 99),
+        itl_p50_ms=1e3 * percentile(itls, 50), itl_p99_ms=1e3 * percentile(itls, 99),
+        tpot_mean_ms=1e3 * mean(tpots), mean_prompt_tokens=mean([r.prompt_tokens for r in ok]),
+        mean_output_tokens=mean([r.output_tokens for r in ok]),
+        first_error=next((r.error for r in results if r.error), None))
+
+
+def make_prompt(num_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return f"Request {seed}: " + " ".join(rng.choice(WORDS) for _ in range(num_words))
+
+
+def parse_sse_line(line: str) -> dict | None:
+    """The JSON of one `data: {...}` line; None for blank lines, comments and [DONE]."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if not data or data == "[DONE]":
+        return None
+    return json.loads(data)
+
+
+@dataclass
+class BenchTarget:
+    base_url: str  # http://host:port (no /v1)
+    model: str
+    api_key: str | None
+    gen_len: int
+    image_url: str | None  # data: URL of --image
+    timeout_s: float = 600.0
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def payload(self, prompt: str, max_tokens: int, stream: bool = True) -> dict:
+        content: Any = prompt
+        if self.image_url:
+            content = [{"type": "image_url", "image_url": {"url": self.image_url}},
+                       {"type": "text", "text": prompt}]
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}],
+                "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+
+async def one_request(client: httpx.AsyncClient, target: BenchTarget, prompt: str) -> RequestResult:
+    res = RequestResult(ok=False)
+    t0 = time.perf_counter()
+    last = None
+    try:
+        async with client.stream("POST", f"{target.base_url}/v1/chat/completions", headers=target.headers,
+                                 json=target.payload(prompt, target.gen_len)) as resp:
+            if resp.status_code != 200:
+                body = (await resp.aread()).decode(errors="replace")
+                res.error = f"HTTP {resp.status_code}: {body[:200]}"
+                return res
+            async for line in resp.aiter_lines():
+                chunk = parse_sse_line(line)
+                if chunk is None:
+                    continue
+                if "error" in chunk:
+                    res.error = str(chunk["error"].get("message"))
+                    return res
+                now = time.perf_counter()
+                if _has_text(chunk):
+                    if last is None:
+                        res.ttft = now - t0
+                    else:
+                        res.itls.append(now - last)
+                    last = now
+                if chunk.get("usage"):
+                    res.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    res.output_tokens = chunk["usage"]["completion_tokens"]
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as exc:
+        res.error = f"{type(exc).__name__}: {exc}"
+        return res
+    res.latency = time.perf_counter() - t0
+    res.ok = True
+    return res
+
+
+def _has_text(chunk: dict) -> bool:
+    for choice in chunk.get("choices") or []:
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
+            return True
+    return False
+
+
+async def run_level(client: httpx.AsyncClient, target: BenchTarget, concurrency: int, num_requests: int,
+                    max_seconds: float, num_words: int, seed0: int) -> LevelSummary:
+    """`concurrency` workers send requests back to back until num_requests or max_seconds."""
+    results: list[RequestResult] = []
+    counter = iter(range(num_requests))
+    t0 = time.perf_counter()
+    deadline = t0 + max_seconds
+
+    async def worker() -> None:
+        for i in counter:
+            if time.perf_counter() >= deadline:
+                return
+            results.append(await one_request(client, target, make_prompt(num_words, seed0 + i)))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return summarize(concurrency, results, time.perf_counter() - t0)
+
+
+async def calibrate(client: httpx.AsyncClient, target: BenchTarget, prompt_len: int) -> int:
+    """Words per prompt so that usage.prompt_tokens ~= prompt_len (two probes, linear fit)."""
+    counts = []
+    for words in (32, 128):
+        resp = await client.post(f"{target.base_url}/v1/chat/completions", headers=target.headers,
+                                 json=target.payload(make_prompt(words, -words), 1, stream=False))
+        if resp.status_code != 200:
+            raise UserError(f"calibration request failed: HTTP {resp.status_code} {resp.text[:300]}")
+        counts.append(resp.json()["usage"]["prompt_tokens"])
+    slope = (counts[1] - counts[0]) / 96
+    return max(1, round((prompt_len - counts[0]) / max(slope, 1e-6)) + 32)
+
+
+def image_data_url(path: Path) -> str:
+    data = path.read_bytes()
+    mime = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(path.suffix.lower(), "png")
+    return f"data:image/{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def normalize_url(url: str) -> str:
+    url = url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        url = "http://" + url
+    return url[:-3] if url.endswith("/v1") else url
+
+
+async def _resolve_model(client: httpx.AsyncClient, base_url: str, headers: dict) -> str:
+    try:
+        resp = await client.get(f"{base_url}/v1/models", headers=headers)
+    except httpx.HTTPError as exc:
+        raise UserError(f"cannot reach {base_url}: {exc}") from None
+    if resp.status_code != 200:
+        raise UserError(f"{base_url}/v1/models answered HTTP {resp.status_code}: {resp.text[:200]}")
+    return resp.json()["data"][0]["id"]
+
+
+async def bench(url: str, concurrencies: list[int], prompt_len: int, gen_len: int,
+                image: Path | None = None, num_requests: int | None = None, max_seconds: float = 120.0,
+                model: str | None = None, api_key: str | None = None, seed: int = 0) -> dict:
+    """Run every level; the JSON-able report (levels in the order given)."""
+    base = normalize_url(url)
+    limits = httpx.Limits(max_connections=max(concurrencies) + 4, max_keepalive_connections=max(concurrencies) + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0), limits=limits) as client:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        model = model or await _resolve_model(client, base, headers)
+        target = BenchTarget(base, model, api_key, gen_len, image_data_url(image) if image else None)
+        words = await calibrate(client, target, prompt_len)
+        levels = []
+        for k, c in enumerate(concurrencies):
+            n = num_requests if num_requests is not None else max(4 * c, 16)
+            levels.append(await run_level(client, target, c, n, max_seconds, words, seed + 1_000_000 * (k + 1)))
+    return {"url": base, "model": model, "prompt_len": prompt_len, "gen_len": gen_len,
+            "image": str(image) if image else None, "words_per_prompt": words,
+            "levels": [asdict(level) for level in levels]}
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = (f"{report['model']} @ {report['url']}: prompt ~{report['prompt_len']} tokens, "
+             f"{report['gen_len']} generated" + (f", image {report['image']}" if report["image"] else ""))
+    table = Table(title=title)
+    for col in ("concurrency", "requests", "failed", "req/s", "output tok/s", "TTFT p50 ms", "TTFT p99 ms",
+                "ITL p50 ms", "ITL p99 ms", "prompt tok", "output tok"):
+        table.add_column(col, justify="right")
+    for lv in report["levels"]:
+        table.add_row(str(lv["concurrency"]), str(lv["requests"]), str(lv["failed"]),
+                      f"{lv['requests_per_s']:.2f}", f"{lv['output_tokens_per_s']:.1f}",
+                      f"{lv['ttft_p50_ms']:.1f}", f"{lv['ttft_p99_ms']:.1f}", f"{lv['itl_p50_ms']:.2f}",
+                      f"{lv['itl_p99_ms']:.2f}", f"{lv['mean_prompt_tokens']:.0f}", f"{lv['mean_output_tokens']:.0f}")
+    console = Console()
+    console.print(table)
+    for lv in report["levels"]:
+        if lv["first_error"]:
+            console.print(f"[red]concurrency {lv['concurrency']}: {lv['failed']} failed; first error: "
+                          f"{lv['first_error']}[/red]")
+
+
+def run_bench(url: str, concurrencies: list[int], prompt_len: int, gen_len: int, image: Path | None = None,
+              json_out: Path | None = None, **kwargs: Any) -> dict:
+    if not concurrencies or any(c < 1 for c in concurrencies):
+        raise UserError(f"--concurrency must be positive integers, got {concurrencies}")
+    if image is not None and not image.is_file():
+        raise UserError(f"--image {image} is not a file")
+    report = asyncio.run(bench(url, concurrencies, prompt_len, gen_len, image, **kwargs))
+    print_report(report)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2, allow_nan=True))
+    return report

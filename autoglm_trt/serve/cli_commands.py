@@ -1,0 +1,105 @@
+"""The `serve` and `bench` commands (registered on the typer app in autoglm_trt/cli.py).
+
+Nothing heavy is imported here: the CLI must start fast; each command imports what it runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from autoglm_trt.errors import UserError
+
+
+def _json_option(raw: Optional[str], name: str) -> dict:
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{name} must be a JSON object, e.g. '{{\"max_pixels\": 5000000}}' ({exc})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{name} must be a JSON object, got {raw}")
+    return value
+
+
+def serve_cmd(
+    model_dir: Path = typer.Argument(..., help="Hugging Face checkpoint or engine directory"),
+    host: str = typer.Option("0.0.0.0", help="address to listen on"),
+    port: int = typer.Option(8000, help="OpenAI HTTP API port"),
+    grpc_port: int = typer.Option(8001, help="KServe v2 gRPC port (-1: no gRPC server)"),
+    served_model_name: str = typer.Option("autoglm-phone-9b", help="the model name clients send"),
+    api_key: Optional[str] = typer.Option(None, envvar="AUTOGLM_API_KEY",
+                                          help="require `Authorization: Bearer KEY` (HTTP and gRPC)"),
+    max_model_len: Optional[int] = typer.Option(None, help="prompt + generated tokens per request"),
+    max_num_seqs: Optional[int] = typer.Option(None, help="sequences in the running batch"),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, help="token budget of one step"),
+    max_queue: int = typer.Option(1024, help="requests waiting beyond the batch; more get 429"),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, help="fraction of GPU memory to use"),
+    allowed_local_media_path: Optional[Path] = typer.Option(None, help="serve file:// images below this dir"),
+    allow_remote_media: bool = typer.Option(False, help="fetch http(s) image URLs"),
+    max_pixels: Optional[int] = typer.Option(None, help="image processor max_pixels (vLLM: mm_processor_kwargs)"),
+    mm_processor_kwargs: Optional[str] = typer.Option(None, help="vLLM style JSON, e.g. '{\"max_pixels\": 5000000}'"),
+    limit_images_per_prompt: int = typer.Option(10, help="images per prompt at most"),
+    limit_mm_per_prompt: Optional[str] = typer.Option(None, help="vLLM style JSON, e.g. '{\"image\": 10}'"),
+    max_image_pixels: int = typer.Option(64_000_000, help="decoded pixels per image at most (bomb guard)"),
+    tp: int = typer.Option(1, "--tp", "--tensor-parallel-size", help="tensor-parallel GPUs"),
+    reasoning_parser: Optional[str] = typer.Option(None, help="glm45: split <think> into reasoning_content"),
+    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    num_kv_blocks: Optional[int] = typer.Option(None, help="fixed number of KV blocks"),
+    block_size: Optional[int] = typer.Option(None, help="tokens per KV block"),
+    enforce_eager: bool = typer.Option(False, help="no CUDA graphs"),
+    prefix_caching: bool = typer.Option(True, help="reuse KV blocks of shared prompt prefixes"),
+    seed: int = typer.Option(0, help="engine seed"),
+    log_requests: bool = typer.Option(False, help="log every HTTP request"),
+) -> None:
+    """Serve the model: OpenAI API over HTTP and KServe v2 over gRPC (/health is 503 until loaded)."""
+    from autoglm_trt.serve.config import ServerConfig
+    from autoglm_trt.serve.loader import EngineArgs
+    from autoglm_trt.serve.server import run_server
+
+    mm = _json_option(mm_processor_kwargs, "--mm-processor-kwargs")
+    limits = _json_option(limit_mm_per_prompt, "--limit-mm-per-prompt")
+    try:
+        config = ServerConfig(
+            host=host, port=port, grpc_port=grpc_port, served_model_name=served_model_name, api_key=api_key,
+            max_queue=max_queue, allowed_local_media_path=str(allowed_local_media_path) if allowed_local_media_path else None,
+            allow_remote_media=allow_remote_media, max_pixels=max_pixels or mm.get("max_pixels"),
+            max_image_pixels=max_image_pixels,
+            limit_images_per_prompt=int(limits.get("image", limit_images_per_prompt)),
+            reasoning_parser=reasoning_parser, log_requests=log_requests)
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from None
+    args = EngineArgs(str(model_dir), max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                      max_num_batched_tokens=max_num_batched_tokens,
+                      gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tp,
+                      num_kv_blocks=num_kv_blocks, block_size=block_size, dtype=dtype, device=device,
+                      enforce_eager=enforce_eager, enable_prefix_caching=prefix_caching, seed=seed)
+    run_server(config, args)
+
+
+def bench_cmd(
+    url: str = typer.Argument(..., help="server base URL, e.g. http://localhost:8000"),
+    concurrency: str = typer.Option("1,8,32,128", help="comma-separated numbers of concurrent clients"),
+    prompt_len: int = typer.Option(467, help="prompt tokens per request (calibrated on the server)"),
+    gen_len: int = typer.Option(256, help="tokens generated per request (ignore_eos)"),
+    image: Optional[Path] = typer.Option(None, help="PNG/JPEG sent with every request"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
+    num_requests: Optional[int] = typer.Option(None, help="requests per level (default 4 x concurrency, >= 16)"),
+    max_seconds: float = typer.Option(120.0, help="time limit per level"),
+    model: Optional[str] = typer.Option(None, help="model name (default: the server's)"),
+    api_key: Optional[str] = typer.Option(None, envvar="AUTOGLM_API_KEY"),
+) -> None:
+    """Load-test a running server over the OpenAI streaming API: TTFT, ITL, requests/s, tokens/s."""
+    from autoglm_trt.serve.bench import run_bench
+
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise UserError(f"--concurrency must be comma-separated integers, got {concurrency!r}") from None
+    run_bench(url, levels, prompt_len, gen_len, image, json_out, num_requests=num_requests,
+              max_seconds=max_seconds, model=model, api_key=api_key)

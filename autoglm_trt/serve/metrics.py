@@ -1,0 +1,109 @@
+"""Prometheus metrics of the server: request latencies and tokens (recorded by the async engine
+client as outputs arrive) plus engine gauges read from the latest EngineStats at scrape time."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+                0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                120.0, 240.0, 480.0)
+
+
+class _EngineCollector:
+    """Gauges and counters copied from the engine's stats when Prometheus scrapes."""
+
+    def __init__(self, model_name: str, get_stats: Callable[[], Any],
+                 get_in_flight: Callable[[], int]) -> None:
+        self.labels = {"model_name": model_name}
+        self.get_stats = get_stats
+        self.get_in_flight = get_in_flight
+
+    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
+        g = GaugeMetricFamily(name, doc, labels=list(self.labels))
+        g.add_metric(list(self.labels.values()), value)
+        return g
+
+    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
+        c = CounterMetricFamily(name, doc, labels=list(self.labels))
+        c.add_metric(list(self.labels.values()), value)
+        return c
+
+    def collect(self):
+        yield self._gauge("autoglm:num_requests_in_server", "Requests admitted by the server and "
+                          "not finished (running, waiting or being prepared).", self.get_in_flight())
+        s = self.get_stats()
+        if s is None:  # still loading
+            return
+        used = s.num_total_blocks - s.num_free_blocks
+        hit_rate = s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
+        yield self._gauge("autoglm:num_requests_running", "Sequences in the running batch.", s.num_running)
+        yield self._gauge("autoglm:num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting)
+        yield self._gauge("autoglm:kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).", s.kv_usage)
+        yield self._gauge("autoglm:kv_blocks_in_use", "KV blocks held by sequences.", used)
+        yield self._gauge("autoglm:kv_blocks_total", "KV blocks of the cache.", s.num_total_blocks)
+        yield self._gauge("autoglm:prefix_cache_hit_rate", "Prefix cache hits / queries (tokens), "
+                          "since start.", hit_rate)
+        yield self._counter("autoglm:prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                            "cache.", s.prefix_cache_queries)
+        yield self._counter("autoglm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                            s.prefix_cache_hits)
+
+
+class ServeMetrics:
+    """One registry per server (not the process-global one), so tests can run several servers."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        self.ttft = Histogram("autoglm:time_to_first_token_seconds", "Time to the first generated "
+                              "token.", labels, buckets=_TTFT_BUCKETS, registry=self.registry)
+        self.itl = Histogram("autoglm:inter_token_latency_seconds", "Time between two generated "
+                             "tokens of one request.", labels, buckets=_ITL_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("autoglm:e2e_request_latency_seconds", "Arrival to last token.", labels,
+                             buckets=_E2E_BUCKETS, registry=self.registry)
+        self.prompt_tokens = Counter("autoglm:prompt_tokens", "Prompt tokens processed.", labels,
+                                     registry=self.registry)
+        self.generation_tokens = Counter("autoglm:generation_tokens", "Tokens generated.", labels,
+                                         registry=self.registry)
+        self.request_success = Counter("autoglm:request_success", "Requests finished, by reason.",
+                                       labels + ["finished_reason"], registry=self.registry)
+        self.request_rejected = Counter("autoglm:request_rejected", "Requests refused before the "
+                                        "engine, by HTTP status.", labels + ["status"],
+                                        registry=self.registry)
+
+    def attach_engine(self, get_stats: Callable[[], Any], get_in_flight: Callable[[], int]) -> None:
+        self.registry.register(_EngineCollector(self.model_name, get_stats, get_in_flight))
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.ttft.labels(self.model_name).observe(seconds)
+
+    def observe_inter_token(self, seconds: float, num_tokens: int) -> None:
+        # NOTE: a step that yields k tokens at once (e.g. after a stop-string hold-back) counts as
+        # k gaps of seconds/k, so the histogram's count matches the tokens generated.
+        per_token = seconds / max(num_tokens, 1)
+        child = self.itl.labels(self.model_name)
+        for _ in range(max(num_tokens, 1)):
+            child.observe(per_token)
+
+    def observe_finished(self, e2e_seconds: float, prompt_tokens: int, output_tokens: int,
+                         finish_reason: str | None) -> None:
+        self.e2e.labels(self.model_name).observe(e2e_seconds)
+        self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
+        self.generation_tokens.labels(self.model_name).inc(output_tokens)
+        self.request_success.labels(self.model_name, finish_reason or "abort").inc()
+
+    def observe_rejected(self, status: int) -> None:
+        self.request_rejected.labels(self.model_name, str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,55 @@
+"""What every API handler shares: the server config, the async engine client and derived helpers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from autoglm_trt.serve.async_engine import AsyncEngineClient
+from autoglm_trt.serve.config import ServerConfig
+from autoglm_trt.serve.errors import ServeError
+from autoglm_trt.serve.media import MediaPolicy
+from autoglm_trt.serve.metrics import ServeMetrics
+from autoglm_trt.serve.openai.logprobs import TokenText
+
+
+@dataclass
+class ServeState:
+    config: ServerConfig
+    client: AsyncEngineClient
+    metrics: ServeMetrics
+    started: int = field(default_factory=lambda: int(time.time()))
+    _token_text: TokenText | None = None
+
+    @classmethod
+    def create(cls, config: ServerConfig) -> "ServeState":
+        metrics = ServeMetrics(config.served_model_name)
+        return cls(config, AsyncEngineClient(metrics, config.max_queue), metrics)
+
+    @property
+    def media(self) -> MediaPolicy:
+        c = self.config
+        return MediaPolicy(c.allowed_local_media_path, c.allow_remote_media, c.max_image_pixels,
+                           c.max_image_bytes, c.remote_media_timeout_s)
+
+    @property
+    def engine(self) -> Any:
+        self.client.check_ready()
+        return self.client.engine
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.config.scheduler.max_model_len
+
+    @property
+    def token_text(self) -> TokenText:
+        if self._token_text is None:
+            self._token_text = TokenText(self.engine.tokenizer)
+        return self._token_text
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.served_model_name:
+            raise ServeError(f"the model `{model}` does not exist; this server serves "
+                             f"`{self.config.served_model_name}`", status=400, param="model",
+                             code="model_not_found")
