@@ -153,9 +153,10 @@ def main() -> None:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     res = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
     res["floor_ms"] = {b: gemv_floor(cfg, b) for b in batches}
-    res["engine"], res["prefill_ms"] = run_engine(args, batches)
     hf_batches = [int(b) for b in args.hf_batch_sizes.split(",") if b]
     res["hf"] = {b: hf_decode(args.model_dir, b, args.prompt_len, min(args.gen_len, 128)) for b in hf_batches}
+    print("transformers:", res["hf"], flush=True)
+    res["engine"], res["prefill_ms"] = run_engine(args, batches)
     report(res, batches)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

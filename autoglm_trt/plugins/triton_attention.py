@@ -165,7 +165,7 @@ def _decode_reduce_kernel(
     s_mask = offs_s < num_splits
     lse = tl.load(part_lse_ptr + row0 + offs_s, mask=s_mask, other=float("-inf"))  # [S]
     m = tl.max(lse, 0)
-    w = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))  # [S]; empty splits weigh 0
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # [S]; empty splits weigh 0
     o = tl.load(part_o_ptr + (row0 + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
                 mask=s_mask[:, None], other=0.0)  # [S, D]
     total = tl.sum(w, 0)
