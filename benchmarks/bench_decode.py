@@ -143,9 +143,12 @@ def parse() -> argparse.Namespace:
 
 def main() -> None:
     args = parse()
-    if not Path(args.model_dir).exists():
+    if not (Path(args.model_dir) / "model.safetensors.index.json").exists():
+        import shutil
+
         from autoglm_trt.models.random_checkpoint import init_random
 
+        shutil.rmtree(args.model_dir, ignore_errors=True)  # a partial directory from an interrupted run
         t0 = time.perf_counter()
         init_random(args.model_dir, preset="phone-9b", device="cuda", show_progress=False)
         print(f"wrote phone-9b random checkpoint in {time.perf_counter() - t0:.0f} s")

@@ -152,7 +152,7 @@ def init_random(out_dir: str | Path, preset: str = "tiny", seed: int = 0, dtype:
     gen_cfg = {"eos_token_id": SPECIAL_IDS["eos"], "pad_token_id": SPECIAL_IDS["pad"], "do_sample": False,
                "transformers_version": "5.17.0"}
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
-    write_processing_files(out, preset)
+    write_processing_files(out, "autoglm-phone-9b" if preset == "phone-9b" else preset)
     shapes = text_weight_shapes(cfg["text_config"]) + vision_weight_shapes(cfg["vision_config"])
     total = sum(torch.Size(s).numel() for _, s in shapes) * torch_dtype.itemsize
     with byte_progress(f"Writing random {preset} weights", total, enabled=show_progress) as advance:

@@ -45,14 +45,15 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, scale: float) -> Ten
     num_q, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
-    qf = q.float().view(num_q, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [kvH, G, Tq, D]
-    kf = k.float().permute(1, 2, 0)  # [kvH, D, L]
-    vf = v.float().permute(1, 0, 2)  # [kvH, L, D]
-    scores = torch.matmul(qf.flatten(1, 2), kf)  # [kvH, G*Tq, L]
-    scores = scores.view(num_kv_heads, group, num_q, -1) * scale  # [kvH, G, Tq, L]
+    qf = (q.float() * scale).view(num_q, num_kv_heads, group, head_dim)  # [Tq, kvH, G, D]
+    qf = qf.permute(1, 2, 0, 3)  # [kvH, G, Tq, D]
+    kf = k.transpose(0, 1).contiguous().float()  # [kvH, L, D]; contiguous: matmul's fast layout
+    vf = v.transpose(0, 1).contiguous().float()  # [kvH, L, D]
+    scores = torch.matmul(qf.flatten(1, 2), kf.transpose(1, 2))  # [kvH, G*Tq, L]
+    scores = scores.view(num_kv_heads, group, num_q, -1)  # [kvH, G, Tq, L], scaled via q
     k_pos = torch.arange(k.shape[0], device=q.device)  # [L]
     allowed = k_pos[None, :] <= q_pos[:, None]  # [Tq, L]
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    scores.masked_fill_(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)  # [kvH, G, Tq, L]
     out = torch.matmul(probs.flatten(1, 2), vf)  # [kvH, G*Tq, D]
     return out.view(num_kv_heads, group, num_q, head_dim).permute(2, 0, 1, 3).reshape(
@@ -109,15 +110,18 @@ def _decode_chunk(
     max_len = int(seq_lens.max()) if batch else 0
     num_blocks = max(1, -(-max_len // block_size))
     table = block_tables[:, :num_blocks].long().clamp(min=0)  # [B, nb]; -1 pads never unmasked
-    k = k_cache[table].flatten(1, 2).float()  # [B, L, kvH, D]
-    v = v_cache[table].flatten(1, 2).float()  # [B, L, kvH, D]
+
+    def gather(cache: Tensor) -> Tensor:  # NOTE: contiguous [B, kvH, L, D]: matmul's fast layout
+        return cache[table].flatten(1, 2).transpose(1, 2).contiguous().float()
+
+    k, v = gather(k_cache), gather(v_cache)  # [B, kvH, L, D] each
     qf = q.float().view(batch, num_kv_heads, group, head_dim)  # [B, kvH, G, D]
-    scores = torch.einsum("bhgd,blhd->bhgl", qf, k) * scale  # [B, kvH, G, L]
-    k_pos = torch.arange(k.shape[1], device=q.device)  # [L]
+    scores = torch.matmul(qf, k.transpose(-1, -2)) * scale  # [B, kvH, G, L]
+    k_pos = torch.arange(k.shape[2], device=q.device)  # [L]
     valid = k_pos[None, :] < seq_lens[:, None].long()  # [B, L]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # [B, kvH, G, L]; seq_len 0 -> zeros
-    out = torch.einsum("bhgl,blhd->bhgd", probs, v)  # [B, kvH, G, D]
+    out = torch.matmul(probs, v)  # [B, kvH, G, D]
     return out.reshape(batch, num_heads, head_dim)
 
 

@@ -64,3 +64,24 @@ class ReasoningStream:
         """Release held-back text at the end of the output."""
         held, self._pending = self._pending, ""
         return (held, "") if self.in_reasoning else ("", held)
+
+
+class ReasoningParser:
+    """The `glm45` reasoning parser: `split(text)` for whole outputs, `stream()` for deltas."""
+
+    name = "glm45"
+
+    def __init__(self, starts_in_reasoning: bool = False):
+        self.starts_in_reasoning = starts_in_reasoning
+
+    @classmethod
+    def for_prompt(cls, prompt_text: str | None) -> "ReasoningParser":
+        """A parser that starts inside reasoning when the prompt left a <think> block open."""
+        text = prompt_text or ""
+        return cls(starts_in_reasoning=text.rfind(THINK_START) > text.rfind(THINK_END))
+
+    def split(self, text: str) -> tuple[str | None, str]:
+        return split(text, self.starts_in_reasoning)
+
+    def stream(self) -> ReasoningStream:
+        return ReasoningStream(self.starts_in_reasoning)

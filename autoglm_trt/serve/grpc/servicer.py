@@ -156,8 +156,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                           prompts: list) -> AsyncIterator[Any]:
         streams = await self._submit(parsed, prompts)
         async for _, out in merge_outputs(self.state.client, streams):
-            if not out.new_text and not out.finished:
-                continue
+            if not out.new_token_ids and not out.finished:
+                continue  # NOTE: like TensorRT-LLM, one response per generated step, text or not
             resp = self._response(request)
             self._add_outputs(resp, parsed, [out.new_text], [[e.logprob for e in out.logprobs or []]])
             resp.parameters["triton_final_response"].bool_param = out.finished
