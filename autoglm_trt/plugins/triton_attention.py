@@ -174,6 +174,17 @@ def _decode_reduce_kernel(
              mask=offs_d < HEAD_DIM)
 
 
+def _decode_warps(elem_bytes: int) -> int:
+    """4 warps for 16-bit caches; float32 (tests) uses 8 so its [16, 128] tiles do not spill."""
+    return 4 if elem_bytes == 2 else 8
+
+
+def _reduce_warps(num_splits: int, block_d: int) -> int:
+    """About 32 float32 partial elements per thread ([64, 128] fp32 on 2 warps needed 149 regs)."""
+    elems = triton.next_power_of_2(num_splits) * block_d
+    return max(1, min(8, elems // 1024))
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -220,13 +231,13 @@ def decode_attention(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, PAGE=page, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=_DECODE_BLOCK_N[q.element_size()], DIRECT=direct,
-        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
+        IEEE=q.dtype == torch.float32, num_warps=_decode_warps(q.element_size()), num_stages=2,
     )
     if not direct:
         _decode_reduce_kernel[(batch, num_heads)](
             part_o, part_lse, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-            num_warps=1 if block_d <= 64 else 2,
+            num_warps=_reduce_warps(num_splits, block_d),
         )
     return out
 

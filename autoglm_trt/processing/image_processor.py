@@ -31,7 +31,7 @@ from autoglm_trt.processing.tokenizer import read_json
 MAX_ASPECT_RATIO = 200  # transformers' smart_resize refuses longer/shorter side above this
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # NOTE: eq=False: compare by identity, never tensor-wise
 class ImageInput:
     """One preprocessed image, ready for the vision tower."""
 
@@ -165,6 +165,9 @@ class ImageProcessor:
                    max_pixels: int | None = None) -> ImageInput:
         if not isinstance(image, Image.Image):
             raise UserError(f"expected a PIL image, got {type(image).__name__}")
+        smallest = self.temporal_patch_size * self.factor ** 2  # one merged patch, two frames
+        if max_pixels is not None and max_pixels < smallest:
+            raise UserError(f"max_pixels must be at least {smallest}, got {max_pixels}")
         rgb = to_rgb(image)
         h, w = self.resized_size(rgb.height, rgb.width, min_pixels, max_pixels)
         chw = self._resize_normalize(rgb, h, w)  # [3, h, w] float32

@@ -22,7 +22,7 @@ from autoglm_trt.processing.tokenizer import Tokenizer, read_json
 IMAGE_TOKEN = "<|image|>"
 
 
-@dataclass
+@dataclass(eq=False)
 class ProcessedPrompt:
     """A prompt ready for the engine."""
 

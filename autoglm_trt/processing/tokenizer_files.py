@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-PRESETS = ("autoglm-phone-9b", "glm-4.1v-9b-thinking", "tiny")
+PRESETS = ("autoglm-phone-9b", "phone-9b", "glm-4.1v-9b-thinking", "tiny")
 
 # (id, content, special). `special` is the Hugging Face flag: special tokens are dropped by
 # decode(skip_special_tokens=True). The reasoning tags stay visible text, as the glm45 reasoning

@@ -143,3 +143,9 @@ def test_truncated_png_is_a_user_error(make_image):
     data = _png_bytes(make_image(200, 200))
     with pytest.raises(UserError, match="could not read the image"):
         load_image(data[: len(data) // 2])
+
+
+def test_max_pixels_too_small_is_a_user_error(make_image):
+    with pytest.raises(UserError, match="max_pixels"):
+        ImageProcessor().preprocess(make_image(100, 100), max_pixels=1000)
+    assert ImageProcessor().preprocess(make_image(100, 100), max_pixels=2 * 28 * 28).grid_thw == (1, 2, 2)
