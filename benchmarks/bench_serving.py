@@ -28,11 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seconds", type=float, default=120.0, help="time limit per level")
     ap.add_argument("--model", default=None, help="model name (default: the server's first)")
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--logprobs", action="store_true", help="time every token via logprobs")
     args = ap.parse_args(argv)
     try:
         run_bench(args.url, [int(c) for c in args.concurrency.split(",") if c.strip()], args.prompt_len,
                   args.gen_len, args.image, args.json, num_requests=args.num_requests,
-                  max_seconds=args.max_seconds, model=args.model, api_key=args.api_key)
+                  max_seconds=args.max_seconds, model=args.model, api_key=args.api_key,
+                  logprobs=args.logprobs)
     except (UserError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

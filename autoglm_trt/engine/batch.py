@@ -64,7 +64,21 @@ def image_chunks_for(seq: Sequence, start: int, end: int) -> list[ImageChunk]:
     return chunks
 
 
+def build_decode_batch(out: SchedulerOutput, block_size: int) -> StepBatch:
+    """Fast path: one generated token per sequence, positions index + delta on all three axes."""
+    seqs = [s.seq for s in out.scheduled]
+    ids = [s.token_ids[-1] for s in seqs]
+    idx = [s.num_tokens - 1 for s in seqs]
+    pos = torch.tensor([i + s.mrope_delta for i, s in zip(idx, seqs)], dtype=torch.long).expand(3, -1)
+    slots = [s.block_table[i // block_size] * block_size + i % block_size for i, s in zip(idx, seqs)]
+    n = len(seqs)
+    return StepBatch(ids, pos, slots, list(range(n + 1)), [i + 1 for i in idx], [s.block_table for s in seqs],
+                     list(range(n)), [], True)
+
+
 def build_batch(out: SchedulerOutput, block_size: int) -> StepBatch:
+    if out.is_decode and all(s.start >= s.seq.num_prompt_tokens for s in out.scheduled):
+        return build_decode_batch(out, block_size)
     ids, pos, slots, cu, lens, tables, logits_idx, images = [], [], [], [0], [], [], [], []
     for sch in out.scheduled:
         seq, start, end = sch.seq, sch.start, sch.start + sch.num_new_tokens
@@ -78,3 +92,9 @@ def build_batch(out: SchedulerOutput, block_size: int) -> StepBatch:
         if sch.samples:
             logits_idx.append(cu[-1] - 1)
     return StepBatch(ids, torch.cat(pos, dim=1), slots, cu, lens, tables, logits_idx, images, out.is_decode)
+
+
+def padded_tables(tables: list[list[int]], width: int | None = None) -> torch.Tensor:
+    """Block tables as one [B, width] int32 tensor, -1 padded (a single conversion, no per-row tensors)."""
+    width = width or max(1, max(len(t) for t in tables))
+    return torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)

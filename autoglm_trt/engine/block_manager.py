@@ -34,6 +34,9 @@ class AllocResult:
     num_blocks_short: int = 0  # when not ok: how many more free blocks the request needed
 
 
+_OK = AllocResult(ok=True)  # the decode fast path result (frozen, shared)
+
+
 def hash_block(parent: bytes | None, token_ids: Iterable[int], extra: tuple[str, ...]) -> bytes:
     """Chained, process-independent hash of one full block (16 bytes of blake2b)."""
     h = hashlib.blake2b(digest_size=16)
@@ -114,6 +117,10 @@ class BlockManager:
         seq.num_computed_tokens to it. Blocks that become full are registered in the prefix cache.
         """
         fresh = not seq.block_table
+        if not fresh and not num_cached_tokens:  # NOTE: decode fast path: no new block, none fills up
+            total = seq.num_computed_tokens + num_new_tokens
+            if total <= len(seq.block_table) * self.block_size and total % self.block_size:
+                return _OK
         cached = self._prefix_blocks(seq, num_cached_tokens)
         computed = num_cached_tokens if fresh else seq.num_computed_tokens
         total = computed + num_new_tokens

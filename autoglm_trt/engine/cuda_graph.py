@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from autoglm_trt.engine.batch import padded_tables
 from autoglm_trt.layers.context import AttentionContext, reset_context, set_context
 
 
@@ -66,11 +67,8 @@ class DecodeGraphs:
         self.slots[:bs].copy_(torch.tensor(slots), non_blocking=True)
         self.seq_lens[:padded].fill_(1)
         self.seq_lens[:bs].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
-        width = max(len(t) for t in tables)
-        table = torch.zeros(bs, width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        table = padded_tables(tables).clamp_(min=0)  # [bs, width]; pads read block 0, never stored to
         self.tables[bs:padded].zero_()
-        self.tables[:bs, :width].copy_(table.to(dev, non_blocking=True))
+        self.tables[:bs, :table.shape[1]].copy_(table.to(dev, non_blocking=True))
         graph.replay()
         return out[:bs]

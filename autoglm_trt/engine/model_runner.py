@@ -13,7 +13,7 @@ import torch
 
 from autoglm_trt.config import EngineConfig, ModelConfig
 from autoglm_trt.engine import kv_cache as kvc
-from autoglm_trt.engine.batch import StepBatch
+from autoglm_trt.engine.batch import StepBatch, padded_tables
 from autoglm_trt.engine.sequence import Sequence
 from autoglm_trt.layers.context import AttentionContext, reset_context, set_context
 from autoglm_trt.utils.logging import log
@@ -107,11 +107,7 @@ class ModelRunner:
         return torch.cat([self.encoder_cache.get(c.content_hash)[c.row_start:c.row_end] for c in batch.image_chunks])
 
     def _tables(self, tables: list[list[int]]) -> torch.Tensor:
-        width = max(1, max(len(t) for t in tables))
-        out = torch.full((len(tables), width), -1, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            out[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        return out.to(self.device, non_blocking=True)
+        return padded_tables(tables).to(self.device, non_blocking=True)
 
     def _context(self, batch: StepBatch) -> AttentionContext:
         dev, i32 = self.device, torch.int32

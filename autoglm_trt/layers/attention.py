@@ -34,6 +34,12 @@ class PagedAttention(nn.Module):
             return causal_attention(q, k, v, self.scale)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         plugins.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        return self.attend_cached(q)
+
+    def attend_cached(self, q: torch.Tensor) -> torch.Tensor:
+        """q [T, H, D] over the paged cache, where this step's K/V are already stored -> [T, H, D]."""
+        ctx = get_context()
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         if ctx.is_decode:
             return plugins.decode_attention(q, k_cache, v_cache, ctx.seq_lens, ctx.block_tables, self.scale)
         return plugins.paged_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables,

@@ -7,11 +7,12 @@ are packed into `qkv_proj`; `packed_modules` tells the loader where the separate
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from autoglm_trt import plugins
 from autoglm_trt.config import TextConfig
 from autoglm_trt.layers.attention import PagedAttention
+from autoglm_trt.layers.context import get_context
 from autoglm_trt.layers.embedding import VocabParallelEmbedding
 from autoglm_trt.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                        RowParallelLinear)
@@ -32,6 +33,12 @@ class Glm4vTextAttention(nn.Module):
     def forward(self, x: torch.Tensor, rotary: MRotaryEmbedding, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (H + 2 kvH) * D]
+        ctx = get_context()
+        if ctx is not None:  # engine path: one fused launch rotates q/k and stores k/v in the cache
+            k_cache, v_cache = ctx.kv_caches[self.attn.layer_idx]
+            q = plugins.rope_qkv_store(qkv, cos, sin, k_cache, v_cache, ctx.slot_mapping, self.num_heads,
+                                       self.num_kv_heads, self.head_dim)  # [T, H, D]
+            return self.o_proj(self.attn.attend_cached(q).flatten(1))
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = rotary(q.unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)  # [T, H, D]
@@ -48,8 +55,7 @@ class Glm4vTextMLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I/tp] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(plugins.silu_mul(self.gate_up_proj(x)))  # [T, 2I/tp] -> [T, I/tp] -> [T, H]
 
 
 class Glm4vTextDecoderLayer(nn.Module):

@@ -85,7 +85,20 @@ def norm_add_norm(
     return _impl("triton_norm", x).norm_add_norm(x, residual, w_a, w_b, eps)
 
 
+def rope_qkv_store(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                   slot_mapping: Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> Tensor:
+    """Rotate q/k of a packed qkv `[T, (H + 2 kvH) * D]` (M-RoPE cos/sin `[T, R/2]`), store k/v; -> q `[T, H, D]`."""
+    return _impl("triton_fused", qkv).rope_qkv_store(qkv, cos, sin, k_cache, v_cache, slot_mapping,
+                                                     num_heads, num_kv_heads, head_dim)
+
+
+def silu_mul(x: Tensor) -> Tensor:
+    """x `[T, 2I]` = [gate | up] -> silu(gate) * up `[T, I]`."""
+    return _impl("triton_fused", x).silu_mul(x)
+
+
 __all__ = [
+    "rope_qkv_store", "silu_mul",
     "decode_attention", "norm_add_norm", "paged_attention", "rms_norm", "store_kv",
     "triton_disabled",
 ]

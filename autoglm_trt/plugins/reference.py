@@ -157,3 +157,29 @@ def norm_add_norm(
     """The sandwich-norm junction: h = residual + rms_norm(x, w_a); y = rms_norm(h, w_b)."""
     h = residual + rms_norm(x, w_a, eps)  # [T, N] in the input dtype, as HF rounds it
     return h, rms_norm(h, w_b, eps)
+
+
+def _rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, heads, D]; rotate pairs (2i, 2i+1) of the first 2 * cos.shape[1] dims (GPT-J style)."""
+    rot_dim = 2 * cos.shape[1]
+    pairs = x[..., :rot_dim].unflatten(-1, (-1, 2))  # [T, heads, R/2, 2]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    c, s = cos.to(x.dtype).unsqueeze(1), sin.to(x.dtype).unsqueeze(1)  # [T, 1, R/2]
+    out = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)
+    return torch.cat((out, x[..., rot_dim:]), dim=-1)
+
+
+def rope_qkv_store(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                   slot_mapping: Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> Tensor:
+    """qkv [T, (H + 2 kvH) * D] -> rotated q [T, H, D]; rotated k and v stored at slot_mapping."""
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q = _rotate_pairs(q.unflatten(-1, (num_heads, head_dim)), cos, sin)  # [T, H, D]
+    k = _rotate_pairs(k.unflatten(-1, (num_kv_heads, head_dim)), cos, sin)  # [T, kvH, D]
+    store_kv(k, v.unflatten(-1, (num_kv_heads, head_dim)), k_cache, v_cache, slot_mapping)
+    return q
+
+
+def silu_mul(x: Tensor) -> Tensor:
+    """x [T, 2I] = [gate | up] -> silu(gate) * up [T, I]."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

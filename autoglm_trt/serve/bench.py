@@ -115,6 +115,7 @@ class BenchTarget:
     api_key: str | None
     gen_len: int
     image_url: str | None  # data: URL of --image
+    logprobs: bool = False  # ask for logprobs: every token then arrives visibly, even one with no text
     timeout_s: float = 600.0
 
     @property
@@ -130,6 +131,8 @@ class BenchTarget:
                 "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": stream}
         if stream:
             body["stream_options"] = {"include_usage": True}
+        if self.logprobs:
+            body["logprobs"] = True
         return body
 
 
@@ -170,9 +173,12 @@ async def one_request(client: httpx.AsyncClient, target: BenchTarget, prompt: st
 
 
 def _has_text(chunk: dict) -> bool:
+    """True when the chunk carries generated tokens (text, reasoning, or token logprobs)."""
     for choice in chunk.get("choices") or []:
         delta = choice.get("delta") or {}
         if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
+            return True
+        if (choice.get("logprobs") or {}).get("content"):
             return True
     return False
 
@@ -233,14 +239,15 @@ async def _resolve_model(client: httpx.AsyncClient, base_url: str, headers: dict
 
 async def bench(url: str, concurrencies: list[int], prompt_len: int, gen_len: int,
                 image: Path | None = None, num_requests: int | None = None, max_seconds: float = 120.0,
-                model: str | None = None, api_key: str | None = None, seed: int = 0) -> dict:
+                model: str | None = None, api_key: str | None = None, seed: int = 0,
+                logprobs: bool = False) -> dict:
     """Run every level; the JSON-able report (levels in the order given)."""
     base = normalize_url(url)
     limits = httpx.Limits(max_connections=max(concurrencies) + 4, max_keepalive_connections=max(concurrencies) + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0), limits=limits) as client:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         model = model or await _resolve_model(client, base, headers)
-        target = BenchTarget(base, model, api_key, gen_len, image_data_url(image) if image else None)
+        target = BenchTarget(base, model, api_key, gen_len, image_data_url(image) if image else None, logprobs)
         words = await calibrate(client, target, prompt_len)
         levels = []
         for k, c in enumerate(concurrencies):
@@ -267,6 +274,8 @@ def print_report(report: dict) -> None:
                       f"{lv['ttft_p50_ms']:.1f}", f"{lv['ttft_p99_ms']:.1f}", f"{lv['itl_p50_ms']:.2f}",
                       f"{lv['itl_p99_ms']:.2f}", f"{lv['mean_prompt_tokens']:.0f}", f"{lv['mean_output_tokens']:.0f}")
     console = Console()
+    if not console.is_terminal:  # NOTE: logs and CI get the whole table, not 80 wrapped columns
+        console = Console(width=180)
     console.print(table)
     for lv in report["levels"]:
         if lv["first_error"]:

@@ -93,6 +93,7 @@ def bench_cmd(
     max_seconds: float = typer.Option(120.0, help="time limit per level"),
     model: Optional[str] = typer.Option(None, help="model name (default: the server's)"),
     api_key: Optional[str] = typer.Option(None, envvar="AUTOGLM_API_KEY"),
+    logprobs: bool = typer.Option(False, help="time every token via logprobs (tokens without text too)"),
 ) -> None:
     """Load-test a running server over the OpenAI streaming API: TTFT, ITL, requests/s, tokens/s."""
     from autoglm_trt.serve.bench import run_bench
@@ -102,4 +103,4 @@ def bench_cmd(
     except ValueError:
         raise UserError(f"--concurrency must be comma-separated integers, got {concurrency!r}") from None
     run_bench(url, levels, prompt_len, gen_len, image, json_out, num_requests=num_requests,
-              max_seconds=max_seconds, model=model, api_key=api_key)
+              max_seconds=max_seconds, model=model, api_key=api_key, logprobs=logprobs)

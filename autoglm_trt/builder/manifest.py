@@ -1,0 +1,179 @@
+"""The engine directory's manifest: versioned, self-describing, checked before anything is loaded.
+
+An engine directory's `config.json` is the source checkpoint's Hugging Face config (dtype set to the
+built one, so every tool that reads a model directory reads this one too) plus one key,
+`autoglm_trt_engine`, holding the manifest below. This module imports no torch: the CLI, the server
+and the loader read it cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from autoglm_trt.errors import UserError
+
+FORMAT = "autoglm-trt-engine"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST_KEY = "autoglm_trt_engine"
+_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str  # hex digest of the whole file
+    bytes: int  # size on disk
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    path: str  # where the checkpoint was read from (informative only)
+    sha256: str  # see source_checkpoint_hash
+    hash_method: str  # "fast": config + index + safetensors headers and sizes; "full": every byte
+
+
+@dataclass
+class EngineManifest:
+    toolkit_version: str
+    source: SourceInfo
+    build: dict  # BuildConfig as a dict (dtype, quant, tp, limits, backend, ...)
+    quantization: dict  # {"mode": ..., "calibration": {... or None}}
+    profiles: dict  # {"runtime": {...}, "llm": {"context": ..., "generation": ...}, "visual": {...}}
+    files: dict[str, FileEntry] = field(default_factory=dict)  # relative path -> checksum
+    gpu: dict | None = None  # {"name", "compute_capability"} when built for one GPU (TensorRT engines)
+    command: str = ""  # the build command line, quoted back in "rebuild with ..." messages
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def tp_size(self) -> int:
+        return int(self.build["tp"])
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["files"] = {k: asdict(v) for k, v in sorted(self.files.items())}
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "EngineManifest":
+        raw = dict(raw)
+        raw["source"] = SourceInfo(**raw["source"])
+        raw["files"] = {k: FileEntry(**v) for k, v in raw.get("files", {}).items()}
+        return cls(**raw)
+
+
+# ---- hashing ---------------------------------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_entry(path: Path) -> FileEntry:
+    return FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+def _safetensors_header(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return f.read(min(n, 100 << 20))
+
+
+def source_checkpoint_hash(model_dir: Path, weight_files: list[Path], method: str = "fast") -> str:
+    """sha256 identifying a checkpoint.
+
+    "fast" (the default, milliseconds for 20 GB): config.json, the index, and every weight file's name,
+    size and safetensors header (tensor names, dtypes, shapes, offsets). It catches a different model,
+    layout or dtype, not a re-trained checkpoint of identical layout. "full" hashes every byte.
+    """
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json"):
+        p = model_dir / name
+        h.update(name.encode() + b"\0" + (p.read_bytes() if p.is_file() else b""))
+    for p in sorted(weight_files):
+        h.update(p.name.encode() + b"\0" + str(p.stat().st_size).encode())
+        h.update(_safetensors_header(p) if method == "fast" else bytes.fromhex(sha256_file(p)))
+    return h.hexdigest()
+
+
+# ---- reading and checking --------------------------------------------------------------------------
+def is_engine_dir(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return MANIFEST_KEY in json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        return False
+
+
+def _rebuild_hint(engine_dir: Path, m: dict) -> str:
+    cmd = m.get("command") or f"autoglm-trt build MODEL_DIR -o {engine_dir}"
+    return f"rebuild it: `{cmd}`"
+
+
+def read_manifest(engine_dir: str | Path) -> EngineManifest:
+    """Parse and version-check an engine directory's manifest (UserError saying what to rebuild)."""
+    engine_dir = Path(engine_dir)
+    try:
+        raw = json.loads((engine_dir / "config.json").read_text())[MANIFEST_KEY]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{engine_dir} is not an autoglm-trt engine directory ({exc})") from None
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or version not in SUPPORTED_FORMAT_VERSIONS:
+        from autoglm_trt import __version__
+
+        raise UserError(f"{engine_dir} has engine format version {version!r}; autoglm-trt {__version__} reads "
+                        f"version(s) {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}: "
+                        f"{_rebuild_hint(engine_dir, raw if isinstance(raw, dict) else {})}")
+    try:
+        return EngineManifest.from_dict(raw)
+    except (TypeError, KeyError) as exc:
+        raise UserError(f"{engine_dir}/config.json has a damaged manifest ({exc}): "
+                        f"{_rebuild_hint(engine_dir, raw)}") from None
+
+
+def verify_files(engine_dir: str | Path, manifest: EngineManifest, names: list[str] | None = None) -> None:
+    """Check size and sha256 of `names` (default: every file in the manifest) against the manifest."""
+    engine_dir = Path(engine_dir)
+    for name in names if names is not None else sorted(manifest.files):
+        entry, path = manifest.files.get(name), engine_dir / name
+        if entry is None:
+            raise UserError(f"{engine_dir}: {name} is not listed in the manifest: "
+                            f"{_rebuild_hint(engine_dir, asdict(manifest))}")
+        if not path.is_file():
+            raise UserError(f"{path} is missing: {_rebuild_hint(engine_dir, asdict(manifest))}")
+        if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
+            raise UserError(f"{path} does not match its sha256 in the manifest (modified or truncated): "
+                            f"{_rebuild_hint(engine_dir, asdict(manifest))}")
+
+
+def check_tp(engine_dir: str | Path, manifest: EngineManifest, tp_size: int) -> None:
+    if manifest.tp_size != tp_size:
+        raise UserError(f"{engine_dir} was built for tensor parallelism {manifest.tp_size} but is being loaded "
+                        f"with {tp_size}: run with --tensor-parallel-size {manifest.tp_size}, or rebuild it with "
+                        f"--tp {tp_size}")
+
+
+def check_gpu(engine_dir: str | Path, manifest: EngineManifest, name: str, compute_capability: str) -> None:
+    """TensorRT engines run only on the GPU architecture they were built for."""
+    built = manifest.gpu
+    if built and built.get("compute_capability") != compute_capability:
+        raise UserError(f"{engine_dir} holds TensorRT engines built for {built.get('name')} (sm "
+                        f"{built.get('compute_capability')}); this GPU is {name} (sm {compute_capability}): "
+                        f"{_rebuild_hint(Path(engine_dir), asdict(manifest))} on this machine")
+
+
+def write_config(engine_dir: Path, hf_config: dict, manifest: EngineManifest) -> None:
+    """config.json = the Hugging Face config + the manifest under MANIFEST_KEY (written last)."""
+    out = dict(hf_config)
+    out[MANIFEST_KEY] = manifest.to_dict()
+    tmp = engine_dir / "config.json.tmp"
+    tmp.write_text(json.dumps(out, indent=2))
+    tmp.replace(engine_dir / "config.json")

@@ -1,0 +1,112 @@
+"""Options of `autoglm-trt export` and `autoglm-trt build`, validated where they are made."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+                 "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
+QUANT_MODES = ("none", "int8-wo", "w8a8")
+BACKENDS = ("torch", "tensorrt")
+PAGE_SIZES = (8, 16, 32, 64, 128)
+
+
+def normalize_dtype(name: str, allow_auto: bool = False) -> str:
+    if allow_auto and name == "auto":
+        return name
+    if name not in DTYPE_ALIASES:
+        allowed = "auto, " if allow_auto else ""
+        raise ValueError(f"dtype must be one of {allowed}bf16, fp16, fp32 (or bfloat16, float16, float32), "
+                         f"got {name!r}")
+    return DTYPE_ALIASES[name]
+
+
+def parse_int_list(raw: str | None) -> tuple[int, ...] | None:
+    """"1,2,4,8" -> (1, 2, 4, 8); None or "" -> None."""
+    if not raw:
+        return None
+    try:
+        return tuple(sorted({int(x) for x in raw.replace(" ", "").split(",") if x}))
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers like 1,2,4,8, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class ShapeLimits:
+    """The largest shapes an engine serves (they become the max of every optimization profile)."""
+
+    max_batch_size: int = 64  # sequences in one step
+    max_seq_len: int = 8192  # prompt + generated tokens of one sequence
+    max_num_tokens: int = 4096  # tokens in one step (chunked prefill splits longer prompts)
+    max_image_patches: int = 16384  # vision patches in one encoder call (16384 = a 1792x1792 image)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "max_image_patches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_image_patches < 4 or self.max_image_patches % 4:
+            raise ValueError(f"max_image_patches must be a multiple of 4 (2x2 merge) and >= 4, got "
+                             f"{self.max_image_patches}")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 17  # ONNX opset (>= 17: LayerNormalization; GridSample needs >= 16)
+    dtype: str = "auto"  # auto (float32 for float32 checkpoints, else float16) | float16 | bfloat16 | float32
+    verify: bool = True  # compare every graph with PyTorch through onnxruntime
+    atol: float = 1e-3  # largest accepted max-abs difference (float32; float16 graphs get 5e-2)
+    with_llm: bool = True
+    with_vision: bool = True
+    limits: ShapeLimits = ShapeLimits()
+
+    def __post_init__(self) -> None:
+        if not 17 <= self.opset <= 21:
+            raise ValueError(f"opset must be in [17, 21], got {self.opset}")
+        object.__setattr__(self, "dtype", normalize_dtype(self.dtype, allow_auto=True))
+        if not (self.with_llm or self.with_vision):
+            raise ValueError("nothing to export: with_llm and with_vision are both off")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    dtype: str = "bfloat16"  # weight dtype of the engine
+    quant: str = "none"  # none | int8-wo (weight-only INT8) | w8a8 (INT8 weights and activations)
+    tp: int = 1  # tensor-parallel ranks: one rank{N}.safetensors each
+    page_size: int = 16  # KV-cache block size (tokens)
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+    backend: str = "torch"  # torch (our runtime) | tensorrt (also compile .engine files; needs TensorRT)
+    vision_onnx: bool = False  # also export the vision encoder as visual/model.onnx
+    opset: int = 17
+    calib_dir: str | None = None  # calibration cache directory (required by w8a8)
+    source_hash: str = "fast"  # fast | full (see manifest.source_checkpoint_hash)
+    limits: ShapeLimits = ShapeLimits()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        if self.quant not in QUANT_MODES:
+            raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
+        if self.quant == "w8a8" and not self.calib_dir:
+            raise ValueError("quant w8a8 needs --calib CALIB_DIR (activation scales from `autoglm-trt calibrate`)")
+        if self.tp < 1:
+            raise ValueError(f"tp must be >= 1, got {self.tp}")
+        if self.page_size not in PAGE_SIZES:
+            raise ValueError(f"page_size must be one of {', '.join(map(str, PAGE_SIZES))}, got {self.page_size}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.source_hash not in ("fast", "full"):
+            raise ValueError(f"source_hash must be fast or full, got {self.source_hash!r}")
+        sizes = tuple(sorted(set(self.cuda_graph_batch_sizes)))
+        bad = [b for b in sizes if not 1 <= b <= self.limits.max_batch_size]
+        if bad:
+            raise ValueError(f"cuda_graph_batch_sizes must lie in [1, max_batch_size={self.limits.max_batch_size}], "
+                             f"got {list(bad)}")
+        object.__setattr__(self, "cuda_graph_batch_sizes", sizes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_graph_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """The engine's default CUDA-graph batch sizes, cut at max_batch_size."""
+    sizes = tuple(b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64) if b <= max_batch_size)
+    return sizes if max_batch_size in sizes or max_batch_size > 64 else sizes + (max_batch_size,)

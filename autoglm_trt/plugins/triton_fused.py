@@ -1,0 +1,98 @@
+"""Fused decoder-layer glue: M-RoPE + KV-cache store in one launch, and SiLU(gate) * up.
+
+Without them a decode step spends more launches on rotary slicing and stacking than on the matmuls.
+This module imports triton: import it lazily (plugins/__init__.py does).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _rope_store_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_qkv, stride_cs, stride_q_t, stride_q_h, stride_kc_blk, stride_kc_pos, stride_kc_h,
+    stride_vc_blk, stride_vc_pos, stride_vc_h,
+    NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_ROT: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (token, head) of q, k and v: rotate q/k pairs (2i, 2i+1); store k/v in the cache."""
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    src = qkv_ptr + tok * stride_qkv + head * HEAD_DIM
+    is_v = head >= NUM_HEADS + NUM_KV
+    # NOTE: masks from integer limits (tl.where on scalars), never scalar & block booleans.
+    pair = tl.arange(0, BLOCK_P)
+    pmask = pair < tl.where(is_v, 0, HALF_ROT)  # q and k heads rotate their first 2*HALF_ROT dims
+    c = tl.load(cos_ptr + tok * stride_cs + pair, mask=pmask, other=1.0)  # [P] fp32
+    s = tl.load(sin_ptr + tok * stride_cs + pair, mask=pmask, other=0.0)
+    x0 = tl.load(src + 2 * pair, mask=pmask, other=0.0).to(tl.float32)
+    x1 = tl.load(src + 2 * pair + 1, mask=pmask, other=0.0).to(tl.float32)
+    dims = tl.arange(0, BLOCK_D)
+    rest = (dims >= tl.where(is_v, 0, 2 * HALF_ROT)) & (dims < HEAD_DIM)  # pass-through dims (all of v)
+    xr = tl.load(src + dims, mask=rest, other=0.0).to(tl.float32)
+    y0, y1 = x0 * c - x1 * s, x1 * c + x0 * s
+    slot = tl.load(slot_ptr + tok)
+    blk, pos = slot // PAGE, slot % PAGE
+    stored = slot >= 0
+    q_on = tl.where(head < NUM_HEADS, 1, 0)
+    k_on = tl.where((head >= NUM_HEADS) & (head < NUM_HEADS + NUM_KV) & stored, 1, 0)
+    v_on = tl.where(is_v & stored, 1, 0)
+    q_dst = q_ptr + tok * stride_q_t + head * stride_q_h
+    k_dst = k_cache_ptr + blk * stride_kc_blk + pos * stride_kc_pos + (head - NUM_HEADS) * stride_kc_h
+    v_dst = v_cache_ptr + blk * stride_vc_blk + pos * stride_vc_pos + (head - NUM_HEADS - NUM_KV) * stride_vc_h
+    _store3(q_dst, y0, y1, xr, pair, dims, pmask & (pair < q_on * BLOCK_P), rest & (dims < q_on * BLOCK_D))
+    _store3(k_dst, y0, y1, xr, pair, dims, pmask & (pair < k_on * BLOCK_P), rest & (dims < k_on * BLOCK_D))
+    _store3(v_dst, y0, y1, xr, pair, dims, pmask & (pair < v_on * BLOCK_P), rest & (dims < v_on * BLOCK_D))
+
+
+@triton.jit
+def _store3(dst, y0, y1, xr, pair, dims, rot_mask, rest_mask):
+    ty = dst.dtype.element_ty
+    tl.store(dst + 2 * pair, y0.to(ty), mask=rot_mask)
+    tl.store(dst + 2 * pair + 1, y1.to(ty), mask=rot_mask)
+    tl.store(dst + dims, xr.to(ty), mask=rest_mask)
+
+
+def rope_qkv_store(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                   slot_mapping: Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> Tensor:
+    """qkv [T, (H + 2 kvH) * D] -> rotated q [T, H, D]; rotated k and v stored at slot_mapping."""
+    t = qkv.shape[0]
+    q = torch.empty(t, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if t == 0:
+        return q
+    half = cos.shape[1]
+    cos, sin = cos.contiguous(), sin.contiguous()
+    _rope_store_kernel[(t, num_heads + 2 * num_kv_heads)](
+        qkv, cos, sin, q, k_cache, v_cache, slot_mapping,
+        qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, HALF_ROT=half, PAGE=k_cache.shape[1],
+        BLOCK_P=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1,
+    )
+    return q
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, y_ptr, stride_x, stride_y, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    y = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul(x: Tensor) -> Tensor:
+    """x [T, 2I] = [gate | up] -> silu(gate) * up [T, I]."""
+    t, two_i = x.shape
+    n = two_i // 2
+    y = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    if t:
+        block = 1024
+        _silu_mul_kernel[(t, triton.cdiv(n, block))](x, y, x.stride(0), y.stride(0), n, BLOCK=block, num_warps=4)
+    return y

@@ -1,0 +1,36 @@
+"""Checks of the fused rotary/KV-store and SiLU-mul kernels against the references (run on CUDA, or on the
+CPU under TRITON_INTERPRET=1 in a subprocess). Prints OK or raises."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from autoglm_trt.plugins import reference
+
+
+def check(device: str, dtype: torch.dtype, tol: float) -> None:
+    from autoglm_trt.plugins import triton_fused
+
+    g = torch.Generator().manual_seed(0)
+    for heads, kv, d, half, page in ((4, 2, 32, 8, 16), (32, 2, 128, 32, 16), (3, 1, 24, 6, 8)):
+        t, blocks = 7, 6
+        qkv = torch.randn(t, (heads + 2 * kv) * d, generator=g).to(device, dtype)
+        ang = torch.randn(t, half, generator=g).to(device)
+        cos, sin = ang.cos(), ang.sin()
+        slots = torch.randperm(blocks * page, generator=g)[:t].to(device)
+        slots[2] = -1
+        caches = [torch.full((blocks, page, kv, d), float("nan"), dtype=dtype, device=device) for _ in range(4)]
+        q = triton_fused.rope_qkv_store(qkv, cos, sin, caches[0], caches[1], slots, heads, kv, d)
+        q_ref = reference.rope_qkv_store(qkv, cos, sin, caches[2], caches[3], slots, heads, kv, d)
+        torch.testing.assert_close(q.float(), q_ref.float(), atol=tol, rtol=tol)
+        for a, b in ((caches[0], caches[2]), (caches[1], caches[3])):
+            torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol, equal_nan=True)
+        x = torch.randn(5, 2 * 1500, generator=g).to(device, dtype)
+        torch.testing.assert_close(triton_fused.silu_mul(x).float(), reference.silu_mul(x).float(), atol=tol, rtol=tol)
+    print("OK")
+
+
+if __name__ == "__main__":
+    check(sys.argv[1] if len(sys.argv) > 1 else "cpu", torch.float32, 1e-5)

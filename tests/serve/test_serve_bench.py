@@ -1,0 +1,56 @@
+"""`autoglm-trt bench`: its statistics, SSE parsing, and one bounded run over loopback."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from autoglm_trt.serve.bench import (RequestResult, make_prompt, normalize_url, parse_sse_line, percentile,
+                                     run_bench, summarize)
+
+from serve_fakes import FakeEngine
+from serve_harness import InProcessServer
+
+
+@pytest.mark.parametrize("q", [0, 1, 50, 90, 99, 100])
+def test_percentile_matches_numpy(q):
+    values = [0.3, 0.1, 0.7, 0.2, 0.9, 0.4, 0.35]
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert math.isnan(percentile([], q))
+
+
+def test_summarize():
+    results = [RequestResult(True, latency=1.0, ttft=0.1, itls=[0.01, 0.03], prompt_tokens=100, output_tokens=10),
+               RequestResult(True, latency=2.0, ttft=0.3, itls=[0.02], prompt_tokens=100, output_tokens=20),
+               RequestResult(False, error="HTTP 429")]
+    s = summarize(8, results, duration_s=2.0)
+    assert (s.requests, s.failed, s.first_error) == (3, 1, "HTTP 429")
+    assert s.requests_per_s == pytest.approx(1.0) and s.output_tokens_per_s == pytest.approx(15.0)
+    assert s.ttft_p50_ms == pytest.approx(200.0) and s.itl_p50_ms == pytest.approx(20.0)
+    assert s.tpot_mean_ms == pytest.approx(1e3 * ((0.9 / 9) + (1.7 / 19)) / 2)
+
+
+def test_sse_lines_and_urls():
+    assert parse_sse_line('data: {"a": 1}') == {"a": 1}
+    assert parse_sse_line("data: [DONE]") is None and parse_sse_line("") is None
+    assert parse_sse_line(": keep-alive") is None
+    assert normalize_url("localhost:8000/v1/") == "http://localhost:8000"
+    assert make_prompt(5, 1) == make_prompt(5, 1) != make_prompt(5, 2)
+
+
+def test_bench_run_over_loopback(tmp_path, capsys):
+    engine = FakeEngine(script="abcdefgh" * 100, step_delay=0.001)
+    with InProcessServer(engine, max_queue=64) as server:
+        out = tmp_path / "bench.json"
+        report = run_bench(server.url, [1, 4], prompt_len=60, gen_len=16, json_out=out, num_requests=8,
+                           max_seconds=30)
+    saved = json.loads(out.read_text())
+    assert json.dumps(saved["levels"]) == json.dumps(report["levels"]) and [lv["concurrency"] for lv in saved["levels"]] == [1, 4]
+    for lv in saved["levels"]:
+        assert lv["requests"] == 8 and lv["failed"] == 0 and lv["mean_output_tokens"] == 16
+        assert lv["output_tokens_per_s"] > 0 and lv["ttft_p50_ms"] > 0 and lv["itl_p99_ms"] >= lv["itl_p50_ms"]
+        assert abs(lv["mean_prompt_tokens"] - 60) <= 12  # calibrated (char tokenizer: ~6 tokens a word)
+    assert "TTFT p50 ms" in capsys.readouterr().out
