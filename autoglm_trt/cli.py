@@ -58,6 +58,13 @@ def doctor() -> None:
     run_doctor()
 
 
+# --- build commands ---
+from autoglm_trt.builder.cli_commands import build_cmd, export_cmd  # noqa: E402 (typer only, no heavy imports)
+
+app.command("export")(export_cmd)
+app.command("build")(build_cmd)
+
+
 # --- serve commands ---
 from autoglm_trt.serve.cli_commands import bench_cmd, serve_cmd  # noqa: E402 (typer only, no heavy imports)
 

@@ -227,6 +227,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     enforce_eager: bool = False  # no CUDA graphs
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+    num_decode_steps: int = 8  # greedy decode tokens per CPU round trip on GPU (1 = every token)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -234,3 +235,5 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device}")
+        if not 1 <= self.num_decode_steps <= 64:
+            raise ValueError(f"num_decode_steps must be in [1, 64], got {self.num_decode_steps}")

@@ -71,13 +71,14 @@ class ExportConfig:
 class BuildConfig:
     dtype: str = "bfloat16"  # weight dtype of the engine
     quant: str = "none"  # none | int8-wo (weight-only INT8) | w8a8 (INT8 weights and activations)
+    act_quant: str = "dynamic"  # w8a8 activation scales: dynamic (per token) | static (per tensor, calibrated)
     tp: int = 1  # tensor-parallel ranks: one rank{N}.safetensors each
     page_size: int = 16  # KV-cache block size (tokens)
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
     backend: str = "torch"  # torch (our runtime) | tensorrt (also compile .engine files; needs TensorRT)
     vision_onnx: bool = False  # also export the vision encoder as visual/model.onnx
     opset: int = 17
-    calib_dir: str | None = None  # calibration cache directory (required by w8a8)
+    calib_dir: str | None = None  # calibration cache directory (SmoothQuant statistics for w8a8)
     source_hash: str = "fast"  # fast | full (see manifest.source_checkpoint_hash)
     limits: ShapeLimits = ShapeLimits()
 
@@ -85,8 +86,10 @@ class BuildConfig:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
         if self.quant not in QUANT_MODES:
             raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
-        if self.quant == "w8a8" and not self.calib_dir:
-            raise ValueError("quant w8a8 needs --calib CALIB_DIR (activation scales from `autoglm-trt calibrate`)")
+        if self.act_quant not in ("dynamic", "static"):
+            raise ValueError(f"act_quant must be dynamic or static, got {self.act_quant!r}")
+        if self.act_quant == "static" and (self.quant != "w8a8" or not self.calib_dir):
+            raise ValueError("act_quant static needs --quant w8a8 and --calib CALIB_DIR (calibrated activation ranges)")
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
         if self.page_size not in PAGE_SIZES:

@@ -109,7 +109,8 @@ class BlockManager:
         return len(self._cached_block_ids(seq)) * self.block_size
 
     # ---- allocation --------------------------------------------------------------------------
-    def allocate(self, seq: Sequence, num_new_tokens: int, num_cached_tokens: int = 0) -> AllocResult:
+    def allocate(self, seq: Sequence, num_new_tokens: int, num_cached_tokens: int = 0,
+                 lookahead: int = 0) -> AllocResult:
         """Grow seq.block_table to cover num_computed + num_new_tokens tokens, atomically.
 
         For a sequence with no blocks yet, `num_cached_tokens` (from find_cached_prefix, called just
@@ -119,14 +120,15 @@ class BlockManager:
         fresh = not seq.block_table
         if not fresh and not num_cached_tokens:  # NOTE: decode fast path: no new block, none fills up
             total = seq.num_computed_tokens + num_new_tokens
-            if total <= len(seq.block_table) * self.block_size and total % self.block_size:
+            if total + lookahead <= len(seq.block_table) * self.block_size and total % self.block_size:
                 return _OK
         cached = self._prefix_blocks(seq, num_cached_tokens)
         computed = num_cached_tokens if fresh else seq.num_computed_tokens
         total = computed + num_new_tokens
         if total > seq.num_tokens:
             raise ValueError(f"{seq.request_id}: cannot allocate {total} tokens, it has {seq.num_tokens}")
-        num_new_blocks = max(0, self.blocks_needed(total) - len(seq.block_table) - len(cached))
+        # `lookahead`: room for tokens not known yet (multi-step decode writes them on the GPU)
+        num_new_blocks = max(0, self.blocks_needed(total + lookahead) - len(seq.block_table) - len(cached))
         revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)  # those sit in free lists
         short = num_new_blocks + revived - self.num_free_blocks
         if short > 0:
@@ -190,6 +192,10 @@ class BlockManager:
         if block.hash is not None and self._hash_to_block.get(block.hash) == block.block_id:
             del self._hash_to_block[block.hash]
         block.hash = None
+
+    def register_computed(self, seq: Sequence, start: int, end: int) -> None:
+        """Hash blocks filled by tokens [start, end) computed outside allocate() (multi-step decode)."""
+        self._register_full_blocks(seq, start, end)
 
     def _register_full_blocks(self, seq: Sequence, start: int, end: int) -> None:
         """Hash the blocks that become full as tokens [start, end) are computed."""

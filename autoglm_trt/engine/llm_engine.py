@@ -10,11 +10,12 @@ import torch
 from autoglm_trt.config import EngineConfig, ModelConfig
 from autoglm_trt.engine.batch import build_batch
 from autoglm_trt.engine.detokenize import TextState, new_text_state
+from autoglm_trt.engine.distributed import shutdown_on_error, start_executor
 from autoglm_trt.engine.model_runner import ModelRunner
 from autoglm_trt.engine.outputs import EngineStats, RequestOutput
 from autoglm_trt.engine.sampling_params import SamplingParams
-from autoglm_trt.engine.scheduler import Scheduler, SchedulerOutput
-from autoglm_trt.engine.sequence import Sequence
+from autoglm_trt.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from autoglm_trt.engine.sequence import Sequence, SequenceStatus
 from autoglm_trt.errors import RequestError
 from autoglm_trt.layers.sampler import Sampler, SamplingMetadata
 from autoglm_trt.processing.inputs import InputProcessor, ProcessedPrompt
@@ -43,9 +44,14 @@ class LLMEngine:
         self.processor = InputProcessor.from_dir(config.model_dir)
         t0 = time.perf_counter()
         torch.manual_seed(config.seed)
-        self.model = model or load_model(config.model_dir, config.dtype, self.device)
-        self.load_seconds = time.perf_counter() - t0
-        self.runner = ModelRunner(self.model, self.model_config, config, self.device)
+        # -- tensor parallelism (engine/distributed.py): the workers start and the group forms before any
+        # -- layer is built (layers shard by the group state); executor.build_runner broadcasts each step
+        self.executor = start_executor(config, self.device, self.model_config)  # None at TP 1
+        with shutdown_on_error(self.executor):
+            self.model = model or load_model(config.model_dir, config.dtype, self.device)
+            self.load_seconds = time.perf_counter() - t0
+            self.runner = (self.executor.build_runner(self.model, self.model_config, config) if self.executor
+                           else ModelRunner(self.model, self.model_config, config, self.device))
         self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_blocks,
                                    eos_token_ids=self.tokenizer.eos_token_ids or self.model_config.eos_token_ids)
         self.sampler = Sampler()
@@ -92,9 +98,54 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
+        steps = self._multi_steps(out)
+        if steps > 1 and self._reserve_lookahead(out, steps):
+            return self._step_multi(out, steps)
         sampled, logprobs = self._run(out)
         self.scheduler.update(out, sampled)
         return self._postprocess(out, logprobs)
+
+    # ---- multi-step greedy decode (GPU) ----------------------------------------------------------
+    def _multi_steps(self, out: SchedulerOutput) -> int:
+        """How many tokens this decode batch may produce in one go on the GPU (1 = the normal path)."""
+        if not out.is_decode or not self.runner.can_run_multi(len(out.scheduled)):
+            return 1
+        limit = self.config.scheduler.max_model_len
+        steps = self.config.num_decode_steps
+        for sch in out.scheduled:
+            seq, p = sch.seq, sch.seq.params
+            if (sch.start < seq.num_prompt_tokens or not p.is_greedy or p.repetition_penalty != 1.0
+                    or p.logprobs is not None):
+                return 1
+            steps = min(steps, limit - seq.num_tokens)
+        return steps
+
+    def _reserve_lookahead(self, out: SchedulerOutput, steps: int) -> bool:
+        bm = self.scheduler.block_manager
+        return all(bm.allocate(s.seq, 1, lookahead=steps - 1).ok for s in out.scheduled)
+
+    def _step_multi(self, out: SchedulerOutput, steps: int) -> list[RequestOutput]:
+        seqs = [s.seq for s in out.scheduled]
+        penalties = [(s.params.frequency_penalty, s.params.presence_penalty, s.output_token_ids) for s in seqs]
+        has_pen = any(f or p for f, p, _ in penalties)
+        tokens = self.runner.run_multi(build_batch(out, self.config.cache.block_size), steps,
+                                       penalties if has_pen else None)  # [steps][B]
+        row = {s.request_id: i for i, s in enumerate(seqs)}
+        start = {s.request_id: s.num_computed_tokens for s in seqs}
+        merged: dict[str, RequestOutput] = {}
+        cur = out
+        for step_tokens in tokens:
+            self.scheduler.update(cur, [step_tokens[row[s.seq.request_id]] for s in cur.scheduled])
+            for o in self._postprocess(cur, {}):
+                merged[o.request_id] = _merge(merged.get(o.request_id), o)
+            live = [ScheduledSeq(s.seq, 1) for s in cur.scheduled if s.seq.status is SequenceStatus.RUNNING]
+            if not live:
+                break
+            cur = SchedulerOutput(live, [], [])
+        for seq in seqs:
+            if not seq.is_finished:
+                self.scheduler.block_manager.register_computed(seq, start[seq.request_id], seq.num_computed_tokens)
+        return list(merged.values())
 
     def _run(self, out: SchedulerOutput) -> tuple[list[int | None], dict[str, object]]:
         first_chunks = [s.seq for s in out.scheduled if s.seq.images and s.start < s.seq.num_prompt_tokens]
@@ -134,7 +185,27 @@ class LLMEngine:
                              seq.num_output_tokens, seq.num_cached_tokens,
                              [logprob] if logprob is not None else None, stop if seq.is_finished else None)
 
+    # ---- lifecycle (tensor parallelism) ------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        """False once a tensor-parallel rank died or hung (steps then raise TensorParallelError)."""
+        return self.executor is None or self.executor.healthy
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (no-op at TP 1); the engine cannot step afterwards."""
+        if getattr(self, "executor", None) is not None:
+            self.executor.shutdown()
+
     def get_stats(self) -> EngineStats:
         bm = self.scheduler.block_manager
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, bm.usage, bm.num_free_blocks,
                            bm.num_blocks, bm.prefix_cache_queries, bm.prefix_cache_hits, self.config.cache.block_size)
+
+
+def _merge(prev: RequestOutput | None, new: RequestOutput) -> RequestOutput:
+    """Fold several steps' outputs of one request into one delta."""
+    if prev is None:
+        return new
+    new.new_token_ids = prev.new_token_ids + new.new_token_ids
+    new.new_text = prev.new_text + new.new_text
+    return new

@@ -14,6 +14,7 @@ import torch
 from autoglm_trt.config import EngineConfig, ModelConfig
 from autoglm_trt.engine import kv_cache as kvc
 from autoglm_trt.engine.batch import StepBatch, padded_tables
+from autoglm_trt.engine.distributed import min_over_tp_ranks
 from autoglm_trt.engine.sequence import Sequence
 from autoglm_trt.layers.context import AttentionContext, reset_context, set_context
 from autoglm_trt.utils.logging import log
@@ -47,7 +48,7 @@ class ModelRunner:
         self.encoder_cache = EncoderCache(max_rows=4 * cfg.scheduler.max_num_batched_tokens + 16384)
         heads = model.language_model.layers[0].self_attn.num_kv_heads
         self.spec = kvc.spec_for(model_cfg, cfg.cache, heads, self.dtype)
-        self.num_blocks = self._size_cache()
+        self.num_blocks = min_over_tp_ranks(self._size_cache())  # TP: every rank holds the same blocks
         self.kv_caches = kvc.allocate_kv_cache(self.spec, self.num_blocks, device)
         self.graphs = None
         if device.type == "cuda" and not cfg.enforce_eager:
@@ -82,7 +83,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         sizes = [b for b in self.cfg.cuda_graph_batch_sizes if b <= self.cfg.scheduler.max_num_seqs]
         max_blocks = -(-self.cfg.scheduler.max_model_len // self.block_size)
-        self.graphs = DecodeGraphs(self.model, self.kv_caches, sizes or [1], max_blocks, self.device)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, sizes or [1], max_blocks, self.device,
+                                   max_steps=self.cfg.num_decode_steps)
         self.graphs.capture()
         log(f"captured {len(self.graphs.graphs)} CUDA graphs (batch {sizes}) in {time.perf_counter() - t0:.1f} s")
 
@@ -121,13 +123,14 @@ class ModelRunner:
             is_decode=batch.is_decode, kv_caches=self.kv_caches)
 
     @torch.inference_mode()
-    def run(self, batch: StepBatch) -> torch.Tensor:
-        """-> logits [len(batch.logits_indices), vocab] float32."""
+    def run(self, batch: StepBatch, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """-> logits [len(batch.logits_indices), vocab] float32. image_embeds: the step's rows, when
+        they come from elsewhere (a TP worker gets them broadcast by rank 0, which ran the tower)."""
         if batch.is_decode and self.graphs is not None and self.graphs.bucket(batch.num_tokens):
             return self.graphs.run(batch.input_ids, batch.positions.to(self.device), batch.slot_mapping,
                                    batch.seq_lens, batch.block_tables)
         ids = torch.tensor(batch.input_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        embeds = self.model.embed(ids, self._image_embeds(batch))
+        embeds = self.model.embed(ids, self._image_embeds(batch) if image_embeds is None else image_embeds)
         set_context(self._context(batch))
         try:
             hidden = self.model(embeds, batch.positions.to(self.device))  # [T, hidden]
@@ -135,3 +138,12 @@ class ModelRunner:
             reset_context()
         rows = torch.tensor(batch.logits_indices, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows))
+
+    def can_run_multi(self, batch_size: int) -> bool:
+        return self.graphs is not None and self.graphs.max_steps > 1 and self.graphs.bucket(batch_size) is not None
+
+    @torch.inference_mode()
+    def run_multi(self, batch: StepBatch, steps: int, penalties) -> list[list[int]]:
+        """Greedy multi-step decode on the GPU -> tokens [steps][len(batch.input_ids)]."""
+        return self.graphs.run_multi(batch.input_ids, batch.positions.to(self.device), batch.slot_mapping,
+                                     batch.seq_lens, batch.block_tables, steps, penalties)

@@ -113,10 +113,22 @@ def resolve_dtype(requested: str, cfg: ModelConfig, device: torch.device) -> tor
 
 
 def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
-               with_vision: bool = True, show_progress: bool = True) -> Glm4vForConditionalGeneration:
-    """Build the model from `model_dir/config.json` and load its safetensors weights."""
+               with_vision: bool = True, show_progress: bool = True, rank: int | None = None,
+               tp_size: int | None = None) -> Glm4vForConditionalGeneration:
+    """Build the model from `model_dir/config.json` and load its safetensors weights.
+
+    An engine directory (`autoglm-trt build`) is recognised by its manifest: its pre-sharded, pre-quantized
+    `rank{rank}.safetensors` is loaded after the manifest checks (rank/tp_size default to the TP state).
+    A checkpoint is sharded by the weight loaders for the current TP state (rank/tp_size are not used).
+    """
+    from autoglm_trt.builder.manifest import is_engine_dir  # NOTE: torch-free leaf module
     from autoglm_trt.utils.progress import byte_progress
 
+    if is_engine_dir(model_dir):
+        from autoglm_trt.builder.engine_dir import load_engine_model
+
+        return load_engine_model(model_dir, dtype, device, with_vision, rank=rank, tp_size=tp_size,
+                                 show_progress=show_progress)
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     files = checkpoint_files(model_dir)

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from autoglm_trt.errors import RequestError
 from autoglm_trt.serve.errors import NotReadyError, QueueFullError, ServeError
@@ -68,6 +68,8 @@ class AsyncEngineClient:
         self._stats: Any = None  # latest EngineStats, written on the event loop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._started = threading.Event()  # set once the engine is adopted on the event loop
+        self._last_stats: Any = None
         metrics.attach_engine(lambda: self._stats, lambda: len(self._streams))
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -80,16 +82,46 @@ class AsyncEngineClient:
         return self.engine.config.scheduler.max_num_seqs + self.max_queue
 
     def start(self, engine: Any, loop: asyncio.AbstractEventLoop) -> None:
-        """Adopt a loaded engine and start its loop thread (call on the event loop thread)."""
+        """Adopt an engine that is loaded already and start its loop thread (on the event loop)."""
+        self._adopt(engine, loop)
+        self._thread = threading.Thread(target=self._run, name="autoglm-engine", daemon=True)
+        self._thread.start()
+
+    async def launch(self, load: Callable[[], Any]) -> Any:
+        """Build the engine with load() in the engine thread itself, then step it there.
+
+        NOTE: one thread creates and drives the engine, so CUDA state that torch keeps per thread
+        (current device and stream, graph pools) is the same at load time and at step time.
+        Returns the engine; raises what load() raised.
+        """
+        loop = asyncio.get_running_loop()
+        loaded: asyncio.Future = loop.create_future()
+
+        def main() -> None:
+            try:
+                engine = load()
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                loop.call_soon_threadsafe(_settle, loaded, None, exc)
+                return
+            loop.call_soon_threadsafe(_settle, loaded, engine, None)
+            self._run()
+
+        self._thread = threading.Thread(target=main, name="autoglm-engine", daemon=True)
+        self._thread.start()
+        engine = await loaded
+        self._adopt(engine, loop)
+        return engine
+
+    def _adopt(self, engine: Any, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._stats = engine.get_stats()
         self.engine = engine
-        self._thread = threading.Thread(target=self._run, name="autoglm-engine", daemon=True)
-        self._thread.start()
+        self._started.set()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         if self._thread is not None:
             self._commands.put(_STOP)
+            self._started.set()  # NOTE: a thread still loading exits after load() returns
             self._thread.join(timeout)
 
     def stats(self) -> Any:
@@ -164,7 +196,10 @@ class AsyncEngineClient:
 
     # ---- engine thread --------------------------------------------------------------------------
     def _run(self) -> None:
+        self._started.wait()
         engine = self.engine
+        if engine is None:  # shut down while loading
+            return
         while True:
             if not self._drain(block=not engine.has_unfinished_requests()):
                 return
@@ -176,7 +211,12 @@ class AsyncEngineClient:
                 except Exception as exc:  # NOTE: an engine bug must not kill the server
                     log.exception("engine step failed; failing the requests in flight")
                     error = exc
-            self._publish(outputs, error, engine.get_stats())
+            stats = engine.get_stats()
+            if outputs or error is not None or stats != self._last_stats:
+                self._last_stats = stats
+                self._publish(outputs, error, stats)
+            elif engine.has_unfinished_requests():
+                time.sleep(0.0005)  # NOTE: nothing schedulable right now; do not spin the CPU
 
     def _drain(self, block: bool) -> bool:
         """Apply queued commands; False when asked to stop."""
@@ -261,6 +301,15 @@ class AsyncEngineClient:
     def _record_finished(self, stream: RequestStream, finish_reason: str | None) -> None:
         self.metrics.observe_finished(time.monotonic() - stream.arrival, stream.num_prompt_tokens,
                                       stream.num_output_tokens, finish_reason)
+
+
+def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 async def merge_outputs(client: AsyncEngineClient,

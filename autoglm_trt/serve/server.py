@@ -77,7 +77,8 @@ async def _serve(config: ServerConfig, args: EngineArgs) -> None:
     log(f"listening: OpenAI API http://{host}:{http_port}/v1"
         + (f", KServe v2 gRPC {host}:{grpc_port}" if grpc_port else "")
         + f"; /health answers 503 until {args.model_dir} is loaded")
-    load_task = asyncio.ensure_future(_load(state, args, grpc_server, loop, uv, host, http_port, grpc_port))
+    urls = f"http://{host}:{http_port}/v1" + (f" and grpc://{host}:{grpc_port}" if grpc_port else "")
+    load_task = asyncio.ensure_future(_load(state, args, grpc_server, uv, urls, f"http://{host}:{http_port}/metrics"))
     try:
         await http_task
     finally:
@@ -100,11 +101,17 @@ def _install_signals(loop: asyncio.AbstractEventLoop, uv: uvicorn.Server) -> Non
             loop.add_signal_handler(sig, stop)
 
 
-async def _load(state: ServeState, args: EngineArgs, grpc_server: GrpcServer | None,
-                loop: asyncio.AbstractEventLoop, uv: uvicorn.Server, host: str, http_port: int,
-                grpc_port: int | None) -> None:
+async def _load(state: ServeState, args: EngineArgs, grpc_server: GrpcServer | None, uv: uvicorn.Server,
+                urls: str, metrics_url: str) -> None:
+    """Load the engine behind the listening servers; log what it took, or stop the server."""
+    reports: list[LoadReport] = []
+
+    def load() -> object:
+        reports.append(load_engine(args))
+        return reports[0].engine
+
     try:
-        report: LoadReport = await asyncio.to_thread(load_engine, args)
+        await state.client.launch(load)
     except asyncio.CancelledError:
         raise
     except UserError as exc:
@@ -116,7 +123,7 @@ async def _load(state: ServeState, args: EngineArgs, grpc_server: GrpcServer | N
         log(f"[red]error:[/red] {state.client.load_error}")
         uv.should_exit = True
         return
-    state.client.start(report.engine, loop)
+    report = reports[0]
     if grpc_server is not None:
         await grpc_server.set_serving(True)
     cfg = report.engine.config
@@ -124,6 +131,4 @@ async def _load(state: ServeState, args: EngineArgs, grpc_server: GrpcServer | N
     log(f"model loaded in {report.seconds:.1f} s; memory used: {report.memory}")
     log(f"KV cache: {report.kv_tokens} tokens; max-model-len {cfg.scheduler.max_model_len}, "
         f"max-num-seqs {cfg.scheduler.max_num_seqs}, max-queue {state.config.max_queue}")
-    log(f"ready: serving `{state.config.served_model_name}` at http://{host}:{http_port}/v1"
-        + (f" and grpc://{host}:{grpc_port}" if grpc_port else "")
-        + f"; metrics at http://{host}:{http_port}/metrics")
+    log(f"ready: serving `{state.config.served_model_name}` at {urls}; metrics at {metrics_url}")

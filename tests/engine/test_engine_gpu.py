@@ -47,3 +47,20 @@ def test_bf16_engine_tracks_fp32(tiny_model_dir):
                        num_blocks=256, cuda_graph_batch_sizes=(1, 2, 4)))
     agree = sum(a == b for r, s in zip(ref, bf16) for a, b in zip(r, s)) / sum(len(r) for r in ref)
     assert agree >= 0.5, f"bf16 greedy agrees with fp32 on only {agree:.0%} of tokens"
+
+
+def test_multi_step_decode_equals_single_step(tiny_model_dir):
+    """K greedy tokens per CPU round trip give the single-step tokens, penalties and early stops included."""
+    kw = dict(device="cuda", dtype="float32", max_model_len=1024, num_blocks=256, cuda_graph_batch_sizes=(1, 2, 4))
+    single = LLM(str(tiny_model_dir), num_decode_steps=1, **kw)
+    multi = LLM(str(tiny_model_dir), num_decode_steps=8, **kw)
+    params = [SamplingParams(temperature=0.0, max_tokens=29, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=21, frequency_penalty=0.2, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=40, presence_penalty=0.5)]
+    a = single.generate(PROMPTS, params)
+    b = multi.generate(PROMPTS, params)
+    assert [x.token_ids for x in a] == [y.token_ids for y in b]
+    assert [x.text for x in a] == [y.text for y in b]
+    assert [len(x.token_ids) for x in b][:2] == [29, 21]
+    stats = multi.engine.get_stats()
+    assert stats.num_free_blocks == stats.num_total_blocks

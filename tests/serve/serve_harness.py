@@ -124,7 +124,8 @@ class ServeProcess:
         self.port, self.grpc_port = free_port(), free_port()
         self.api_key = api_key
         cmd = [*cli_command(), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
-               "--grpc-port", str(self.grpc_port), "--device", "cpu", *args]
+               "--grpc-port", str(self.grpc_port), "--device", os.environ.get("AUTOGLM_SERVE_TEST_DEVICE", "cpu"),
+               *args]
         if api_key:
             cmd += ["--api-key", api_key]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"autoglm-serve-{self.port}.log"

@@ -45,3 +45,15 @@ def test_full_queue_is_429_with_retry_after_then_recovers(server):
             break
         time.sleep(0.1)
     assert resp.status_code == 200, resp.text
+
+
+def test_unloadable_model_exits_2_with_one_clear_line(tmp_path):
+    import subprocess
+
+    from serve_harness import cli_command, free_port
+
+    proc = subprocess.run([*cli_command(), "serve", str(tmp_path / "missing"), "--host", "127.0.0.1", "--port",
+                           str(free_port()), "--grpc-port", str(free_port())], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr

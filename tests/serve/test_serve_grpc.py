@@ -7,6 +7,7 @@ import functools
 import queue
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -213,3 +214,22 @@ def test_generated_code_has_no_runtime_version_pin():
     assert "ValidateProtobufRuntimeVersion" not in src and "GRPC_GENERATED_VERSION" not in grpc_src
     assert "POOL = _descriptor_pool.DescriptorPool()" in src  # private pool: coexists with tritonclient
     assert pb.ModelInferRequest.DESCRIPTOR.file.pool is pb.POOL
+
+
+def test_cancelled_grpc_requests_are_aborted():
+    engine = FakeEngine(script="z" * 10_000, step_delay=0.005)
+    with InProcessServer(engine) as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        with pytest.raises(InferenceServerException) as info:  # unary: the deadline passes mid-generation
+            client.infer("ensemble", triton_inputs("hi", 3000), client_timeout=0.3)
+        assert "Deadline" in str(info.value) or "DEADLINE" in str(info.value.status())
+        results: queue.Queue = queue.Queue()
+        client.start_stream(callback=functools.partial(lambda q, result, error: q.put((result, error)), results))
+        client.async_stream_infer("ensemble", triton_inputs("hi", 3000, stream=True), request_id="long")
+        results.get(timeout=10)  # it is generating
+        client.stop_stream(cancel_requests=True)
+        deadline = time.time() + 5
+        while (engine.requests or server.state.client.in_flight) and time.time() < deadline:
+            time.sleep(0.02)
+        assert len(engine.aborted) == 2 and not engine.requests
+        client.close()

@@ -82,6 +82,12 @@ def test_sampling_defaults_fill_the_context():
     assert p.max_tokens == 900 and p.logprobs == 2 and p.temperature == 1.0
 
 
+def test_prompt_longer_than_the_context_names_both_numbers():
+    with pytest.raises(ServeError, match="prompt has 120 tokens, but max_model_len is 100") as info:
+        sampling_params(_chat(), None, None, 120, 100)
+    assert info.value.param == "messages"
+
+
 @pytest.mark.parametrize("fields,param", [({"top_p": 0.0}, "top_p"), ({"temperature": -1.0}, "temperature"),
                                           ({"frequency_penalty": 3.0}, "frequency_penalty"),
                                           ({"logit_bias": {"5": 1.0}}, "logit_bias"),

@@ -10,7 +10,6 @@ import socket
 import time
 
 import httpx
-import pytest
 from PIL import Image
 
 from serve_fakes import FakeEngine
@@ -66,9 +65,9 @@ def test_health_version_models_metrics(fake_server):
 
 def test_api_key(fake_server):
     assert_error(httpx.get(fake_server.url + "/v1/models"), 401, "API key")
-    err = assert_error(chat(fake_server, max_tokens=2) if False else post(
-        fake_server, "/v1/chat/completions", {"messages": MSG}, headers={"Authorization": "Bearer wrong"}), 401)
-    assert err["code"] == "invalid_api_key"
+    wrong = post(fake_server, "/v1/chat/completions", {"messages": MSG}, headers={"Authorization": "Bearer wrong"})
+    assert assert_error(wrong, 401)["code"] == "invalid_api_key"
+    assert httpx.get(fake_server.url + "/health").status_code == 200  # probes need no key
 
 
 # ---- chat ------------------------------------------------------------------------------------------
@@ -120,6 +119,14 @@ def test_chat_stream_reasoning_deltas(fake_server):
     reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
     assert reasoning == "".join(d.get("reasoning", "") for d in deltas) == "hmm"
     assert "".join(d.get("content", "") for d in deltas) == SCRIPT_CONTENT
+
+
+def test_server_reasoning_parser_splits_without_the_request_flag():
+    with InProcessServer(FakeEngine(), reasoning_parser="glm45") as server:
+        msg = chat(server, max_tokens=200).json()["choices"][0]["message"]
+        assert (msg["reasoning_content"], msg["content"]) == ("hmm", SCRIPT_CONTENT)
+        deltas = [c["choices"][0]["delta"] for c in sse_events(chat(server, stream=True))[:-1]]
+        assert "".join(d.get("reasoning", "") for d in deltas) == "hmm"
 
 
 def test_template_kwargs_and_enable_thinking_reach_the_processor(fake_server):

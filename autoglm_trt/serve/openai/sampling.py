@@ -20,6 +20,10 @@ def default_max_tokens(num_prompt_tokens: int, max_model_len: int) -> int:
 def sampling_params(req: Any, max_tokens: int | None, logprobs: int | None,
                     num_prompt_tokens: int, max_model_len: int) -> list[SamplingParams]:
     """The n SamplingParams of one request; a bad value is a 400 naming the field."""
+    if num_prompt_tokens >= max_model_len:
+        raise ServeError(f"the prompt has {num_prompt_tokens} tokens, but max_model_len is {max_model_len} "
+                         "(prompt + generated tokens); shorten the prompt or use smaller images",
+                         param="messages" if hasattr(req, "messages") else "prompt")
     if req.logit_bias:
         raise ServeError("logit_bias is not supported by this server", param="logit_bias")
     kwargs: dict[str, Any] = {k: getattr(req, k) for k in _SAME if getattr(req, k) is not None}

@@ -49,7 +49,13 @@ class SSEResponse(StreamingResponse):
                     await func()
                     tg.cancel_scope.cancel()
 
-                tg.start_soon(run, partial(self.stream_response, send))
+                tg.start_soon(run, partial(self._stream_quietly, send))
                 await run(partial(self.listen_for_disconnect, receive))
         finally:
             self.on_close()  # NOTE: idempotent; aborts whatever did not finish
+
+    async def _stream_quietly(self, send: Send) -> None:
+        try:
+            await self.stream_response(send)
+        except OSError:  # the client went away between two events: nothing to report to anyone
+            pass

@@ -1,0 +1,106 @@
+"""The `export` and `build` commands (registered on the typer app in autoglm_trt/cli.py).
+
+Only typer is imported at module level: the CLI must start fast; each command imports what it runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from autoglm_trt.errors import UserError
+
+_GRAPH_SIZES = "1,2,4,8,16,24,32,48,64"
+
+
+def _limits(max_batch_size: int, max_seq_len: int, max_num_tokens: int, max_image_patches: int):
+    from autoglm_trt.builder.options import ShapeLimits
+
+    try:
+        return ShapeLimits(max_batch_size, max_seq_len, max_num_tokens, max_image_patches)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _print_parity(parity) -> None:
+    from rich.table import Table
+
+    from autoglm_trt.utils.progress import console
+
+    table = Table(title="onnxruntime vs PyTorch")
+    for col in ("graph", "case", "output", "max abs diff", "ok"):
+        table.add_column(col)
+    for r in parity:
+        table.add_row(r.graph, r.case, r.output, f"{r.max_abs_diff:.3g}", "yes" if r.ok else "[red]NO")
+    console.print(table)
+
+
+def export_cmd(
+    model_dir: Path = typer.Argument(..., help="Hugging Face checkpoint directory"),
+    out: Path = typer.Option(..., "--out", "-o", help="new directory for the ONNX graphs"),
+    opset: int = typer.Option(17, help="ONNX opset (17..21)"),
+    dtype: str = typer.Option("auto", help="auto (fp32 for fp32 checkpoints, else fp16) | fp16 | bf16 | fp32"),
+    skip_verify: bool = typer.Option(False, "--skip-verify", help="skip the onnxruntime parity checks"),
+    llm: bool = typer.Option(True, "--llm/--no-llm", help="export the text decoder"),
+    vision: bool = typer.Option(True, "--vision/--no-vision", help="export the vision encoder"),
+    max_batch_size: int = typer.Option(64, help="profile max: sequences per step"),
+    max_seq_len: int = typer.Option(8192, help="profile max: past + new tokens of a sequence"),
+    max_num_tokens: int = typer.Option(4096, help="profile max: new tokens per sequence per step"),
+    max_image_patches: int = typer.Option(16384, help="profile max: vision patches per call"),
+) -> None:
+    """Export the text decoder and vision encoder to ONNX, with TensorRT optimization profiles."""
+    from autoglm_trt.builder.export import export_onnx
+    from autoglm_trt.builder.options import ExportConfig
+
+    try:
+        cfg = ExportConfig(opset=opset, dtype=dtype, verify=not skip_verify, with_llm=llm, with_vision=vision,
+                           limits=_limits(max_batch_size, max_seq_len, max_num_tokens, max_image_patches))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    result = export_onnx(model_dir, out, cfg)
+    if result.parity:
+        _print_parity(result.parity)
+    total = sum(result.timings.values())
+    typer.echo(f"exported {', '.join(result.graphs.values())} to {out} in {total:.1f} s")
+
+
+def build_cmd(
+    model_dir: Path = typer.Argument(..., help="Hugging Face checkpoint directory"),
+    out: Path = typer.Option(..., "--out", "-o", help="new engine directory"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration cache directory (SmoothQuant for w8a8)"),
+    dtype: str = typer.Option("bf16", help="bf16 | fp16 | fp32"),
+    quant: str = typer.Option("none", help="none | int8-wo (weight-only INT8) | w8a8 (INT8 weights + activations)"),
+    act_quant: str = typer.Option("dynamic", help="w8a8 activations: dynamic (per token) | static (calibrated)"),
+    tp: int = typer.Option(1, "--tp", help="tensor-parallel ranks (one rank{N}.safetensors each)"),
+    max_batch_size: int = typer.Option(64, help="sequences per step"),
+    max_seq_len: int = typer.Option(8192, help="prompt + generated tokens of one sequence"),
+    max_num_tokens: int = typer.Option(4096, help="tokens per step"),
+    max_image_patches: int = typer.Option(16384, help="vision patches per encoder call"),
+    page_size: int = typer.Option(16, help="KV-cache block size in tokens"),
+    cuda_graph_batch_sizes: str = typer.Option(_GRAPH_SIZES, help="decode batch sizes to capture, e.g. 1,2,4,8"),
+    backend: str = typer.Option("torch", help="torch (default) | tensorrt (needs TensorRT and a GPU)"),
+    vision_onnx: bool = typer.Option(False, "--vision-onnx", help="also export visual/model.onnx"),
+    source_hash: str = typer.Option("fast", help="fast (config, index, safetensors headers) | full (all bytes)"),
+    opset: int = typer.Option(17, help="ONNX opset of exported graphs"),
+) -> None:
+    """Build an engine directory: manifest, pre-sharded (and pre-quantized) rank{N}.safetensors, tokenizer."""
+    from autoglm_trt.builder.build import build_engine
+    from autoglm_trt.builder.options import BuildConfig, default_graph_sizes, parse_int_list
+
+    try:
+        sizes = default_graph_sizes(max_batch_size) if cuda_graph_batch_sizes == _GRAPH_SIZES \
+            else parse_int_list(cuda_graph_batch_sizes) or (1,)
+        cfg = BuildConfig(dtype=dtype, quant=quant, act_quant=act_quant, tp=tp, page_size=page_size, cuda_graph_batch_sizes=sizes,
+                          backend=backend, vision_onnx=vision_onnx, opset=opset,
+                          calib_dir=str(calib) if calib else None, source_hash=source_hash,
+                          limits=_limits(max_batch_size, max_seq_len, max_num_tokens, max_image_patches))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if calib is not None and not calib.is_dir():
+        raise UserError(f"--calib {calib} is not a directory (make one with `autoglm-trt calibrate`)")
+    result = build_engine(model_dir, out, cfg)
+    size = sum(f.bytes for f in result.manifest.files.values()) / 2 ** 20
+    typer.echo(f"built {out} ({cfg.dtype}, quant {cfg.quant}, tp {cfg.tp}, {size:.0f} MiB) in "
+               f"{result.seconds:.1f} s")
