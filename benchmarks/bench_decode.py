@@ -140,6 +140,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--quant", default="none", help="none | int8-wo | w8a8 (engine only)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--num-decode-steps", type=int, default=8)
+    ap.add_argument("--profile", action="store_true", help="print the top kernels of a batch-1 decode graph")
     return ap.parse_args()
 
 
@@ -173,6 +175,7 @@ def run_engine(args, batches: list[int]) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     llm = LLM(args.model_dir, dtype="bfloat16", max_model_len=4608, max_num_seqs=max(batches),
               max_num_batched_tokens=4096, gpu_memory_utilization=args.gpu_memory_utilization,
+              num_decode_steps=args.num_decode_steps,
               **({"quant": args.quant} if args.quant != "none" else {}))
     print(f"engine start-up {time.perf_counter() - t0:.1f} s, KV blocks {llm.engine.runner.num_blocks}, "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
@@ -180,9 +183,25 @@ def run_engine(args, batches: list[int]) -> tuple[dict, dict]:
         prefill = {n: engine_prefill_ms(llm, n, seed=1000 * warm + n) for n in (512, 4096)}
     out = {b: engine_decode(llm, b, args.prompt_len, args.gen_len) for b in batches}
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if args.profile:
+        profile_graph(llm, 1)
     del llm
     _free()
     return out, prefill
+
+
+def profile_graph(llm, batch: int) -> None:
+    """Top GPU kernels of one decode-graph replay (CUPTI sees the kernels inside the graph)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = llm.engine.runner.graphs.graphs[batch][0]
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
 
 
 def report(res: dict, batches: list[int]) -> None:

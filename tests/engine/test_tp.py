@@ -1,0 +1,156 @@
+"""Tensor parallelism on CPUs (two processes over gloo): TP=2 computes what TP=1 computes, and a worker
+that dies or hangs stops the engine with a message naming the rank, leaving no process behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from autoglm_trt.engine.batch import StepBatch, image_chunks_for
+from autoglm_trt.engine.distributed import TensorParallelError
+from autoglm_trt.engine.llm import LLM
+from autoglm_trt.engine.sampling_params import SamplingParams
+from autoglm_trt.engine.sequence import Sequence
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+KW = dict(device="cpu", dtype="float32", max_model_len=1024, num_blocks=64)
+
+
+def _image(w: int, h: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Open the settings app and turn on Wi-Fi"}],
+    [{"role": "user", "content": [{"type": "image", "image": _image(120, 90, 1)},
+                                  {"type": "text", "text": "Tap the icon"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": "compare"}, {"type": "image", "image": _image(60, 200, 2)},
+                                  {"type": "image", "image": _image(90, 90, 3)}, {"type": "text", "text": "which?"}]}],
+]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] in ("Z", "X")  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(pids: list[int], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if all(_gone(p) for p in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="module")
+def tp1(tiny_model_dir):
+    return LLM(str(tiny_model_dir), **KW)
+
+
+@pytest.fixture(scope="module")
+def tp2(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), tensor_parallel_size=2, **KW)
+    yield llm
+    pids = [p.pid for p in llm.engine.executor.workers.procs.values()]
+    llm.engine.shutdown()
+    assert _wait_gone(pids), "a worker outlived shutdown()"
+
+
+def _prefill_logits(llm: LLM, conv: list[dict]) -> torch.Tensor:
+    """Logits of every prompt position, from one prefill step run through the engine's runner."""
+    eng = llm.engine
+    prompt = eng.processor.process_chat(conv)
+    seq = Sequence.from_prompt("logits", prompt, GREEDY, eng.model_config.image_token_id)
+    n, bs = seq.num_prompt_tokens, eng.config.cache.block_size
+    blocks = list(range(eng.runner.num_blocks - (-(-n // bs)), eng.runner.num_blocks))  # NOTE: top blocks: unused
+    batch = StepBatch(seq.prompt_token_ids, torch.as_tensor(prompt.mrope_positions),
+                      [blocks[i // bs] * bs + i % bs for i in range(n)], [0, n], [n], [blocks],
+                      list(range(n)), image_chunks_for(seq, 0, n), False)
+    eng.runner.encode_images([seq])
+    return eng.runner.run(batch)  # [n, vocab] fp32
+
+
+def test_prefill_logits_equal(tp1, tp2):
+    for conv in CONVERSATIONS[:2]:  # text, and an image (its embeddings broadcast by rank 0)
+        a, b = _prefill_logits(tp1, conv), _prefill_logits(tp2, conv)
+        assert a.shape == b.shape and a.shape[1] == 151552
+        assert (a - b).abs().max().item() < 1e-4
+
+
+def test_greedy_tokens_equal(tp1, tp2):
+    ref = [o.token_ids for o in tp1.chat(CONVERSATIONS, GREEDY)]
+    out = [o.token_ids for o in tp2.chat(CONVERSATIONS, GREEDY)]
+    assert out == ref
+    assert tp2.engine.healthy
+    stats = tp2.engine.get_stats()
+    assert stats.num_running == 0 and stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_killed_worker_stops_engine(tiny_model_dir, tp2):
+    tp2.engine.shutdown()  # NOTE: one tensor-parallel engine per process at a time
+    llm = LLM(str(tiny_model_dir), tensor_parallel_size=2, **KW)
+    proc = llm.engine.executor.workers.procs[1]
+    assert llm.generate("hello", GREEDY)[0].token_ids
+    os.kill(proc.pid, signal.SIGKILL)
+    with pytest.raises(TensorParallelError, match=r"rank 1 \(pid \d+\) was killed by signal SIGKILL"):
+        llm.generate("hello again", GREEDY)
+    assert not llm.engine.healthy
+    assert _wait_gone([proc.pid])
+    with pytest.raises(TensorParallelError, match="stopped"):
+        llm.generate("and again", GREEDY)
+
+
+@pytest.mark.parametrize("fault, expect", [
+    ("1:hello:hang", r"rank 1 \(pid \d+\) did not report 'hello' within 3 s: the start-up handshake timed out"),
+    ("1:loaded:raise", r"rank 1 \(pid \d+\) exited with code 1: .*injected fault on rank 1 before 'loaded'"),
+])
+def test_startup_failure_names_rank(tiny_model_dir, tp2, monkeypatch, fault, expect):
+    tp2.engine.shutdown()
+    monkeypatch.setenv("AUTOGLM_TRT_TP_FAULT", fault)
+    monkeypatch.setenv("AUTOGLM_TRT_TP_STARTUP_TIMEOUT", "3")
+    with pytest.raises(TensorParallelError, match=expect) as info:
+        LLM(str(tiny_model_dir), tensor_parallel_size=2, **KW)
+    pid = int(re.search(r"pid (\d+)", str(info.value)).group(1))
+    assert _wait_gone([pid]), "the failed worker was left running"
+
+
+PARENT = """
+import sys, time
+from autoglm_trt.engine.llm import LLM
+if __name__ == "__main__":
+    llm = LLM(sys.argv[1], tensor_parallel_size=2, device="cpu", dtype="float32", max_model_len=256, num_blocks=16)
+    print("PIDS", *[p.pid for p in llm.engine.executor.workers.procs.values()], flush=True)
+    time.sleep(600)
+"""
+
+
+def test_workers_exit_when_parent_dies(tiny_model_dir, tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(PARENT))
+    parent = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = ""
+        while not line.startswith("PIDS"):
+            line = parent.stdout.readline()
+            assert line or parent.poll() is None, "the parent process died before its workers started"
+        pids = [int(p) for p in line.split()[1:]]
+        assert pids and not any(_gone(p) for p in pids)
+    finally:
+        parent.kill()
+        parent.wait()
+    assert _wait_gone(pids), "workers outlived their parent"
