@@ -5,6 +5,10 @@ a request count and a time limit) and we report TTFT and inter-token latency p50
 and output tokens/s. Prompts are made of common words, calibrated against the server's own token
 counts (usage.prompt_tokens) to reach --prompt-len; each prompt is unique so the prefix cache does
 not flatter TTFT.
+
+Latencies are timed on chunks that carry text, as clients see them. With --logprobs every chunk
+carries its tokens' logprobs, so every token is timed even when it decodes to no text (random-weight
+checkpoints, whose tokens mostly do): use it there, or TTFT/ITL measure the text, not the engine.
 """
 
 from __future__ import annotations

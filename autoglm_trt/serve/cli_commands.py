@@ -93,7 +93,8 @@ def bench_cmd(
     max_seconds: float = typer.Option(120.0, help="time limit per level"),
     model: Optional[str] = typer.Option(None, help="model name (default: the server's)"),
     api_key: Optional[str] = typer.Option(None, envvar="AUTOGLM_API_KEY"),
-    logprobs: bool = typer.Option(False, help="time every token via logprobs (tokens without text too)"),
+    logprobs: bool = typer.Option(False, help="time every token via logprobs: use it with random-weight checkpoints, whose "
+                                  "tokens mostly decode to no text"),
 ) -> None:
     """Load-test a running server over the OpenAI streaming API: TTFT, ITL, requests/s, tokens/s."""
     from autoglm_trt.serve.bench import run_bench

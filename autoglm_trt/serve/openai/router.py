@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from autoglm_trt import __version__
 from autoglm_trt.serve.auth import check_bearer
-from autoglm_trt.serve.errors import ServeError, error_body
+from autoglm_trt.serve.errors import error_body
 from autoglm_trt.serve.metrics import CONTENT_TYPE
 from autoglm_trt.serve.openai import protocol as P
 from autoglm_trt.serve.openai.chat import create_chat_completion
@@ -90,5 +90,3 @@ def build_router(state: ServeState) -> APIRouter:
     root.include_router(v1)
     return root
 
-
-__all__ = ["build_router", "ClientGone", "ServeError"]
