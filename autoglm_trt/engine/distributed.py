@@ -159,6 +159,8 @@ class StepMessage:
 
     batch: StepBatch | None
     image_rows: int = 0  # rows of image embeddings that follow over the device group
+    steps: int = 0  # > 0: run_multi (greedy decode of `steps` tokens in the multi-step CUDA graphs)
+    penalties: list | None = None  # run_multi's per-row (frequency, presence, generated ids)
 
 
 def send_message(msg: StepMessage) -> None:
@@ -259,22 +261,32 @@ class TPExecutor:
     # ---- steps ---------------------------------------------------------------------------------
     def execute(self, runner, batch: StepBatch) -> torch.Tensor:
         """Broadcast the step, run rank 0's shard -> logits [len(batch.logits_indices), vocab]."""
+        embeds = runner._image_embeds(batch)  # [rows, hidden] from rank 0's encoder cache, or None
+        rows = 0 if embeds is None else embeds.shape[0]
+        return self._broadcast_then(StepMessage(batch, rows), lambda: (
+            broadcast_rows(embeds, rows, 0, runner.dtype), runner.run(batch, image_embeds=embeds))[1])
+
+    def execute_multi(self, runner, batch: StepBatch, steps: int, penalties) -> list[list[int]]:
+        """Multi-step greedy decode on every rank (each replays its own graphs; tokens agree because
+        every rank argmaxes the same all-gathered logits) -> tokens [steps][rows], from rank 0."""
+        return self._broadcast_then(StepMessage(batch, 0, steps, penalties),
+                                    lambda: runner.run_multi(batch, steps, penalties))
+
+    def _broadcast_then(self, msg: StepMessage, run):
         custom = _GROUPS.custom if _GROUPS is not None else None
         if custom is not None and custom.poll_error() and self.failure is None:
             self.failure = "a rank did not answer the peer-memory all-reduce (it hangs)"
         if self.failure is not None:
             self.shutdown()
             raise TensorParallelError(f"tensor-parallel engine is stopped: {self.failure}")
-        embeds = runner._image_embeds(batch)  # [rows, hidden] from rank 0's encoder cache, or None
         try:
-            send_message(StepMessage(batch, 0 if embeds is None else embeds.shape[0]))
-            broadcast_rows(embeds, 0 if embeds is None else embeds.shape[0], 0, runner.dtype)
-            logits = runner.run(batch, image_embeds=embeds)
+            send_message(msg)
+            out = run()
         except Exception as exc:  # noqa: BLE001 - a collective failed: name the rank that caused it
             raise self._step_error(exc) from exc
-        if self.failure is not None:  # NOTE: a peer died mid-step; these logits are not to be trusted
+        if self.failure is not None:  # NOTE: a peer died mid-step; this output is not to be trusted
             raise self._step_error(None)
-        return logits
+        return out
 
     def _on_death(self, rank: int) -> None:
         """Monitor thread: a worker exited while the engine ran."""
@@ -331,7 +343,7 @@ class TPExecutor:
         if self.runner is not None:
             self.runner.runner.graphs = None  # NOTE: graphs hold NCCL work: drop them before the communicator
         destroy_distributed(healthy)
-        self.workers.stop()
+        self.workers.stop(grace_s=10.0 if healthy else 0.5)  # NOTE: told to stop, or not going to answer
         torch.set_num_threads(self._threads)
         self.failure = self.failure or "the engine was shut down"
 
@@ -365,6 +377,9 @@ class TPRunner:
 
     def run(self, batch: StepBatch) -> torch.Tensor:
         return self.executor.execute(self.runner, batch)
+
+    def run_multi(self, batch: StepBatch, steps: int, penalties) -> list[list[int]]:
+        return self.executor.execute_multi(self.runner, batch, steps, penalties)
 
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()

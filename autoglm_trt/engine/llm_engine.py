@@ -132,16 +132,22 @@ class LLMEngine:
                                        penalties if has_pen else None)  # [steps][B]
         row = {s.request_id: i for i, s in enumerate(seqs)}
         start = {s.request_id: s.num_computed_tokens for s in seqs}
+        # NOTE: stop strings must be checked token by token (to cut exactly); otherwise the text of all
+        # K tokens is produced once per request, which is most of the CPU cost at large batches.
+        per_token = any(s.params.stop for s in seqs)
         merged: dict[str, RequestOutput] = {}
         cur = out
         for step_tokens in tokens:
             self.scheduler.update(cur, [step_tokens[row[s.seq.request_id]] for s in cur.scheduled])
-            for o in self._postprocess(cur, {}):
-                merged[o.request_id] = _merge(merged.get(o.request_id), o)
+            if per_token:
+                for o in self._postprocess(cur, {}):
+                    merged[o.request_id] = _merge(merged.get(o.request_id), o)
             live = [ScheduledSeq(s.seq, 1) for s in cur.scheduled if s.seq.status is SequenceStatus.RUNNING]
             if not live:
                 break
             cur = SchedulerOutput(live, [], [])
+        if not per_token:
+            merged = {o.request_id: o for o in self._postprocess(out, {})}
         for seq in seqs:
             if not seq.is_finished:
                 self.scheduler.block_manager.register_computed(seq, start[seq.request_id], seq.num_computed_tokens)

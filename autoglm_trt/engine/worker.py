@@ -91,6 +91,10 @@ class Workers:
 
     def describe(self, rank: int) -> str:
         p = self.procs[rank]
+        deadline = time.monotonic() + 2.0
+        with self.cond:  # NOTE: a worker sends its error, then exits: report the exit too
+            while rank in self.errors and p.exitcode is None and time.monotonic() < deadline:
+                self.cond.wait(0.1)
         text = f"rank {rank} (pid {p.pid}) {_exit_cause(p.exitcode)}"
         if rank in self.errors:
             tail = [line.strip() for line in self.errors[rank].strip().splitlines()[-3:]]
@@ -226,6 +230,9 @@ def _serve(runner, hidden: int) -> None:
             return
         if faulty:
             _fault(_RANK, "step")
+        if msg.steps:
+            runner.run_multi(msg.batch, msg.steps, msg.penalties)
+            continue
         embeds = broadcast_rows(None, msg.image_rows, hidden, runner.dtype)
         runner.run(msg.batch, image_embeds=embeds)
 

@@ -7,6 +7,7 @@ are packed into `qkv_proj`; `packed_modules` tells the loader where the separate
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from autoglm_trt import plugins
@@ -32,13 +33,16 @@ class Glm4vTextAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: MRotaryEmbedding, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(x)  # [T, (H + 2 kvH) * D]
         ctx = get_context()
-        if ctx is not None:  # engine path: one fused launch rotates q/k and stores k/v in the cache
+        if ctx is not None:  # engine path: one fused launch adds the bias, rotates q/k, stores k/v
+            plain = self.qkv_proj.quant_method is None
+            qkv = F.linear(x, self.qkv_proj.weight) if plain else self.qkv_proj(x)  # [T, (H + 2 kvH) * D]
             k_cache, v_cache = ctx.kv_caches[self.attn.layer_idx]
             q = plugins.rope_qkv_store(qkv, cos, sin, k_cache, v_cache, ctx.slot_mapping, self.num_heads,
-                                       self.num_kv_heads, self.head_dim)  # [T, H, D]
+                                       self.num_kv_heads, self.head_dim,
+                                       self.qkv_proj.bias if plain else None)  # [T, H, D]
             return self.o_proj(self.attn.attend_cached(q).flatten(1))
+        qkv = self.qkv_proj(x)  # [T, (H + 2 kvH) * D]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = rotary(q.unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)  # [T, H, D]

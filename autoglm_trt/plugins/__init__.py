@@ -86,10 +86,12 @@ def norm_add_norm(
 
 
 def rope_qkv_store(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                   slot_mapping: Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> Tensor:
-    """Rotate q/k of a packed qkv `[T, (H + 2 kvH) * D]` (M-RoPE cos/sin `[T, R/2]`), store k/v; -> q `[T, H, D]`."""
+                   slot_mapping: Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                   bias: Tensor | None = None) -> Tensor:
+    """Add bias to a packed qkv `[T, (H + 2 kvH) * D]`, rotate q/k (M-RoPE cos/sin `[T, R/2]`), store k/v;
+    -> q `[T, H, D]`."""
     return _impl("triton_fused", qkv).rope_qkv_store(qkv, cos, sin, k_cache, v_cache, slot_mapping,
-                                                     num_heads, num_kv_heads, head_dim)
+                                                     num_heads, num_kv_heads, head_dim, bias)
 
 
 def silu_mul(x: Tensor) -> Tensor:

@@ -170,8 +170,11 @@ def _rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def rope_qkv_store(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                   slot_mapping: Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> Tensor:
-    """qkv [T, (H + 2 kvH) * D] -> rotated q [T, H, D]; rotated k and v stored at slot_mapping."""
+                   slot_mapping: Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                   bias: Tensor | None = None) -> Tensor:
+    """qkv [T, (H + 2 kvH) * D] (+ bias) -> rotated q [T, H, D]; rotated k and v stored at slot_mapping."""
+    if bias is not None:
+        qkv = qkv + bias
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     q = _rotate_pairs(q.unflatten(-1, (num_heads, head_dim)), cos, sin)  # [T, H, D]
     k = _rotate_pairs(k.unflatten(-1, (num_kv_heads, head_dim)), cos, sin)  # [T, kvH, D]

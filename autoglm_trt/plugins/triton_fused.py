@@ -14,11 +14,11 @@ from torch import Tensor
 
 @triton.jit
 def _rope_store_kernel(
-    qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_qkv, stride_cs, stride_q_t, stride_q_h, stride_kc_blk, stride_kc_pos, stride_kc_h,
     stride_vc_blk, stride_vc_pos, stride_vc_h,
     NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_ROT: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """One program per (token, head) of q, k and v: rotate q/k pairs (2i, 2i+1); store k/v in the cache."""
     tok = tl.program_id(0).to(tl.int64)
@@ -30,11 +30,17 @@ def _rope_store_kernel(
     pmask = pair < tl.where(is_v, 0, HALF_ROT)  # q and k heads rotate their first 2*HALF_ROT dims
     c = tl.load(cos_ptr + tok * stride_cs + pair, mask=pmask, other=1.0)  # [P] fp32
     s = tl.load(sin_ptr + tok * stride_cs + pair, mask=pmask, other=0.0)
-    x0 = tl.load(src + 2 * pair, mask=pmask, other=0.0).to(tl.float32)
-    x1 = tl.load(src + 2 * pair + 1, mask=pmask, other=0.0).to(tl.float32)
+    x0 = tl.load(src + 2 * pair, mask=pmask, other=0.0)
+    x1 = tl.load(src + 2 * pair + 1, mask=pmask, other=0.0)
     dims = tl.arange(0, BLOCK_D)
     rest = (dims >= tl.where(is_v, 0, 2 * HALF_ROT)) & (dims < HEAD_DIM)  # pass-through dims (all of v)
-    xr = tl.load(src + dims, mask=rest, other=0.0).to(tl.float32)
+    xr = tl.load(src + dims, mask=rest, other=0.0)
+    if HAS_BIAS:  # NOTE: the projection's bias, added (and rounded) as nn.Linear would before rotary
+        b = bias_ptr + head * HEAD_DIM
+        x0 = x0 + tl.load(b + 2 * pair, mask=pmask, other=0.0)
+        x1 = x1 + tl.load(b + 2 * pair + 1, mask=pmask, other=0.0)
+        xr = xr + tl.load(b + dims, mask=rest, other=0.0)
+    x0, x1, xr = x0.to(tl.float32), x1.to(tl.float32), xr.to(tl.float32)
     y0, y1 = x0 * c - x1 * s, x1 * c + x0 * s
     slot = tl.load(slot_ptr + tok)
     blk, pos = slot // PAGE, slot % PAGE
@@ -59,8 +65,9 @@ def _store3(dst, y0, y1, xr, pair, dims, rot_mask, rest_mask):
 
 
 def rope_qkv_store(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                   slot_mapping: Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> Tensor:
-    """qkv [T, (H + 2 kvH) * D] -> rotated q [T, H, D]; rotated k and v stored at slot_mapping."""
+                   slot_mapping: Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                   bias: Tensor | None = None) -> Tensor:
+    """qkv [T, (H + 2 kvH) * D] (+ bias) -> rotated q [T, H, D]; rotated k and v stored at slot_mapping."""
     t = qkv.shape[0]
     q = torch.empty(t, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if t == 0:
@@ -68,10 +75,11 @@ def rope_qkv_store(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cac
     half = cos.shape[1]
     cos, sin = cos.contiguous(), sin.contiguous()
     _rope_store_kernel[(t, num_heads + 2 * num_kv_heads)](
-        qkv, cos, sin, q, k_cache, v_cache, slot_mapping,
+        qkv, qkv if bias is None else bias, cos, sin, q, k_cache, v_cache, slot_mapping,
         qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, HALF_ROT=half, PAGE=k_cache.shape[1],
-        BLOCK_P=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1,
+        BLOCK_P=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim), HAS_BIAS=bias is not None,
+        num_warps=1,
     )
     return q
 

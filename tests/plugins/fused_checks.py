@@ -22,8 +22,9 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
         slots = torch.randperm(blocks * page, generator=g)[:t].to(device)
         slots[2] = -1
         caches = [torch.full((blocks, page, kv, d), float("nan"), dtype=dtype, device=device) for _ in range(4)]
-        q = triton_fused.rope_qkv_store(qkv, cos, sin, caches[0], caches[1], slots, heads, kv, d)
-        q_ref = reference.rope_qkv_store(qkv, cos, sin, caches[2], caches[3], slots, heads, kv, d)
+        bias = torch.randn(qkv.shape[1], generator=g).to(device, dtype) if heads != 32 else None
+        q = triton_fused.rope_qkv_store(qkv, cos, sin, caches[0], caches[1], slots, heads, kv, d, bias)
+        q_ref = reference.rope_qkv_store(qkv, cos, sin, caches[2], caches[3], slots, heads, kv, d, bias)
         torch.testing.assert_close(q.float(), q_ref.float(), atol=tol, rtol=tol)
         for a, b in ((caches[0], caches[2]), (caches[1], caches[3])):
             torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol, equal_nan=True)
