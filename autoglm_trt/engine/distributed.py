@@ -4,11 +4,12 @@ Start-up is a handshake in phases; each worker reports each phase over its own p
 waits for every rank with a deadline, so a worker that dies or hangs is named with its cause:
     hello   the process runs (spawned, torch imported, its device chosen)
     joined  the process groups exist: `device` (NCCL on GPUs, gloo on CPUs) for the model's
-            collectives, `cpu` (gloo) for step messages; the custom all-reduce is installed
+            collectives, `cpu` (gloo) for host-side exchanges; the custom all-reduce is installed
     loaded  its shard of the weights is in memory (each parameter's weight_loader shards)
     ready   its ModelRunner exists: KV cache of its KV heads (same block count on every rank),
             CUDA graphs captured (collectives included: every rank captures the same sizes)
-A step: rank 0 schedules and builds the StepBatch, broadcasts it as pickled bytes over `cpu`, then
+A step: rank 0 schedules and builds the StepBatch, sends it as pickled bytes down a pipe to each
+worker (a pipe wakes its reader sooner than a gloo broadcast, and tells it when rank 0 is gone), then
 the step's image embeddings over `device` (the vision tower runs on rank 0 only: the workers load
 no vision weights); every rank runs the same forward on its shard; rank 0 samples from the logits
 that ParallelLMHead all-gathers. A worker exits when rank 0 says stop or when its parent dies.
@@ -22,7 +23,7 @@ import os
 import pickle
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
@@ -39,8 +40,6 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
 PHASES = ("spawned", "hello", "joined", "loaded", "ready")
-CONTROL_TIMEOUT = timedelta(days=3650)  # workers wait on `cpu` for the next step however long rank 0 idles
-_HEAD_BYTES = 16 << 10  # one broadcast carries a step message up to this size (decode batches fit)
 
 
 class TensorParallelError(RuntimeError):
@@ -67,7 +66,7 @@ class DistInit:
 @dataclass
 class TPGroups:
     device: object  # ProcessGroup for the model's collectives
-    cpu: object  # gloo ProcessGroup for step messages
+    cpu: object  # gloo ProcessGroup: IPC handle exchange, barriers
     torch_device: torch.device
     custom: object | None = None  # CustomAllReduce when installed
 
@@ -87,7 +86,7 @@ def init_distributed(init: DistInit, store=None) -> TPGroups:
     extra = {"device_id": device} if init.backend == "nccl" else {}
     dist.init_process_group(init.backend, store=store, rank=init.rank, world_size=init.world_size,
                             timeout=timeout, **extra)
-    cpu = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    cpu = dist.new_group(backend="gloo", timeout=timeout)
     _GROUPS = TPGroups(dist.group.WORLD, cpu, device)
     set_parallel_state(init.rank, init.world_size, dist.group.WORLD)
     if device.type == "cuda" and init.backend == "nccl":
@@ -134,11 +133,7 @@ def destroy_distributed(healthy: bool = True) -> None:
 def _abort(group) -> None:
     """Unblock NCCL collectives waiting on a dead peer (best effort; the API moved between releases)."""
     try:
-        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-        if abort is not None:
-            abort(group)
-        else:
-            group._get_backend(torch.device("cuda")).abort()
+        group._get_backend(torch.device("cuda")).abort()  # NOTE: made to be called from another thread
     except Exception as exc:  # noqa: BLE001
         log(f"tensor parallel: could not abort the NCCL group ({exc})")
 
@@ -163,30 +158,30 @@ class StepMessage:
     penalties: list | None = None  # run_multi's per-row (frequency, presence, generated ids)
 
 
+_CHANNEL: list = []  # rank 0: a pipe to each worker (send end); a worker: its pipe from rank 0 (receive end)
+
+
+def set_step_channel(conns: list) -> None:
+    """The pipes that carry step messages (a pipe wakes its reader sooner than a gloo broadcast)."""
+    global _CHANNEL
+    _CHANNEL = list(conns)
+
+
 def send_message(msg: StepMessage) -> None:
-    """Rank 0: pickled bytes over `cpu`, in one broadcast when they fit in the head buffer."""
+    """Rank 0: the pickled message down every worker's pipe."""
+    if msg.batch is not None:  # NOTE: a numpy array pickles ~10x faster than a torch tensor
+        msg = replace(msg, batch=replace(msg.batch, positions=msg.batch.positions.numpy()))
     data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-    head = torch.zeros(_HEAD_BYTES, dtype=torch.uint8)
-    first = data[:_HEAD_BYTES - 8]
-    head[:8] = torch.frombuffer(bytearray(len(data).to_bytes(8, "little")), dtype=torch.uint8)
-    head[8:8 + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
-    dist.broadcast(head, src=0, group=_GROUPS.cpu)
-    if len(data) > len(first):
-        rest = torch.frombuffer(bytearray(data[len(first):]), dtype=torch.uint8)
-        dist.broadcast(rest, src=0, group=_GROUPS.cpu)
+    for conn in _CHANNEL:
+        conn.send_bytes(data)
 
 
 def recv_message() -> StepMessage:
-    head = torch.empty(_HEAD_BYTES, dtype=torch.uint8)
-    dist.broadcast(head, src=0, group=_GROUPS.cpu)
-    raw = head.numpy().tobytes()
-    n = int.from_bytes(raw[:8], "little")
-    data = raw[8:8 + n]
-    if n > len(data):
-        rest = torch.empty(n - len(data), dtype=torch.uint8)
-        dist.broadcast(rest, src=0, group=_GROUPS.cpu)
-        data += rest.numpy().tobytes()
-    return pickle.loads(data)
+    """A worker: the next message (EOFError when rank 0 is gone)."""
+    msg = pickle.loads(_CHANNEL[0].recv_bytes())
+    if msg.batch is not None:
+        msg.batch.positions = torch.from_numpy(msg.batch.positions)
+    return msg
 
 
 def broadcast_rows(x: torch.Tensor | None, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -239,6 +234,7 @@ class TPExecutor:
         try:
             self.workers.wait_phase("hello", self.timeout_s)
             init_distributed(self.init, store)
+            set_step_channel(self.workers.step_conns)
             self.workers.wait_phase("joined", self.timeout_s)
         except BaseException as exc:
             raise self._startup_error(exc) from exc
@@ -263,8 +259,12 @@ class TPExecutor:
         """Broadcast the step, run rank 0's shard -> logits [len(batch.logits_indices), vocab]."""
         embeds = runner._image_embeds(batch)  # [rows, hidden] from rank 0's encoder cache, or None
         rows = 0 if embeds is None else embeds.shape[0]
-        return self._broadcast_then(StepMessage(batch, rows), lambda: (
-            broadcast_rows(embeds, rows, 0, runner.dtype), runner.run(batch, image_embeds=embeds))[1])
+
+        def run() -> torch.Tensor:
+            broadcast_rows(embeds, rows, 0, runner.dtype)
+            return runner.run(batch, image_embeds=embeds)
+
+        return self._broadcast_then(StepMessage(batch, rows), run)
 
     def execute_multi(self, runner, batch: StepBatch, steps: int, penalties) -> list[list[int]]:
         """Multi-step greedy decode on every rank (each replays its own graphs; tokens agree because
@@ -274,14 +274,16 @@ class TPExecutor:
 
     def _broadcast_then(self, msg: StepMessage, run):
         custom = _GROUPS.custom if _GROUPS is not None else None
-        if custom is not None and custom.poll_error() and self.failure is None:
-            self.failure = "a rank did not answer the peer-memory all-reduce (it hangs)"
+        if custom is not None and custom.error_seen() and self.failure is None:
+            self.failure = "a rank did not answer the peer-memory all-reduce for a long time (it hangs)"
         if self.failure is not None:
             self.shutdown()
             raise TensorParallelError(f"tensor-parallel engine is stopped: {self.failure}")
         try:
             send_message(msg)
             out = run()
+            if custom is not None:
+                custom.fetch_error()  # NOTE: read at the next step, after this step's sync
         except Exception as exc:  # noqa: BLE001 - a collective failed: name the rank that caused it
             raise self._step_error(exc) from exc
         if self.failure is not None:  # NOTE: a peer died mid-step; this output is not to be trusted
@@ -342,6 +344,7 @@ class TPExecutor:
                 healthy = False
         if self.runner is not None:
             self.runner.runner.graphs = None  # NOTE: graphs hold NCCL work: drop them before the communicator
+        set_step_channel([])
         destroy_distributed(healthy)
         self.workers.stop(grace_s=10.0 if healthy else 0.5)  # NOTE: told to stop, or not going to answer
         torch.set_num_threads(self._threads)

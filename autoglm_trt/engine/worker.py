@@ -21,7 +21,8 @@ import torch
 
 from autoglm_trt.config import EngineConfig, ModelConfig
 from autoglm_trt.engine.distributed import (PHASES, DistInit, TensorParallelError, TPGroups,
-                                            broadcast_rows, init_distributed, recv_message)
+                                            broadcast_rows, init_distributed, recv_message,
+                                            set_step_channel)
 
 
 @dataclass
@@ -49,8 +50,9 @@ def _exit_cause(code: int | None) -> str:
 class Workers:
     """Ranks 1..N-1 plus a monitor thread that records their start-up phases, errors and deaths."""
 
-    def __init__(self, procs: dict, conns: dict, on_death) -> None:
+    def __init__(self, procs: dict, conns: dict, step_conns: list, on_death) -> None:
         self.procs, self.conns, self.on_death = procs, conns, on_death
+        self.step_conns = step_conns  # rank 0's send ends of the step pipes, in rank order
         self.phase = {r: 0 for r in procs}  # index into PHASES
         self.errors: dict[int, str] = {}  # traceback text a worker sent before exiting
         self.closing = False  # set by rank 0's shutdown: exits are expected from then on
@@ -134,26 +136,32 @@ class Workers:
                 if p.is_alive():
                     end()
                     p.join(3.0)
+        for conn in self.step_conns:
+            conn.close()
 
 
 def spawn_workers(config: EngineConfig, init: DistInit, on_death) -> Workers:
     """Start ranks 1..world-1 (spawned processes: CUDA and fork do not mix)."""
     ctx = torch.multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // init.world_size)
-    procs, conns = {}, {}
+    procs, conns, steps = {}, {}, []
     try:
         for rank in range(1, init.world_size):
-            recv, send = ctx.Pipe(duplex=False)
+            status_recv, status_send = ctx.Pipe(duplex=False)  # worker -> rank 0: phases, errors
+            step_recv, step_send = ctx.Pipe(duplex=False)  # rank 0 -> worker: step messages
             args = WorkerArgs(replace(init, rank=rank), config, os.getpid(), threads)
-            proc = ctx.Process(target=worker_main, args=(args, send), name=f"autoglm-tp-rank{rank}", daemon=True)
+            proc = ctx.Process(target=worker_main, args=(args, status_send, step_recv),
+                               name=f"autoglm-tp-rank{rank}", daemon=True)
             proc.start()
-            send.close()
-            procs[rank], conns[rank] = proc, recv
+            status_send.close()
+            step_recv.close()
+            procs[rank], conns[rank] = proc, status_recv
+            steps.append(step_send)
     except BaseException:
         for proc in procs.values():
             proc.kill()
         raise
-    return Workers(procs, conns, on_death)
+    return Workers(procs, conns, steps, on_death)
 
 
 # ---- worker side -------------------------------------------------------------------------------------
@@ -185,11 +193,12 @@ def _report(conn, tag: str, payload=None) -> None:
 _RANK = -1
 
 
-def worker_main(args: WorkerArgs, conn) -> None:
-    """Entry point of a spawned worker."""
+def worker_main(args: WorkerArgs, conn, step_conn) -> None:
+    """Entry point of a spawned worker: `conn` reports to rank 0, `step_conn` brings its steps."""
     global _RANK
     _RANK = args.init.rank
     _watch_parent(args.parent_pid)
+    set_step_channel([step_conn])
     try:
         if args.init.device_type == "cpu":
             torch.set_num_threads(args.cpu_threads)

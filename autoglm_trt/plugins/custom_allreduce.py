@@ -85,7 +85,7 @@ def _one_shot_kernel(x_ptr, out_ptr, data_ptr, flags_ptr, deltas_ptr, counter_pt
 
 # ---- CUDA driver calls through ctypes (libcuda ships with every driver; no extra package) ---------
 class _CUipcMemHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * 64)]
+    _fields_ = [("reserved", ctypes.c_ubyte * 64)]  # NOTE: not c_char, whose field reads stop at a NUL
 
 
 class _Driver:
@@ -116,7 +116,7 @@ class _Driver:
 
     def ipc_open(self, raw: bytes) -> int:
         handle, ptr = _CUipcMemHandle(), ctypes.c_uint64()
-        ctypes.memmove(handle.reserved, raw, 64)
+        ctypes.memmove(ctypes.addressof(handle), raw, 64)
         fn = getattr(self.lib, "cuIpcOpenMemHandle_v2", None) or self.lib.cuIpcOpenMemHandle
         self._check(fn(ctypes.byref(ptr), handle, ctypes.c_uint(self.LAZY_ENABLE_PEER_ACCESS)), "cuIpcOpenMemHandle")
         return ptr.value
@@ -160,6 +160,7 @@ class CustomAllReduce:
         self.nccl_group, self.cpu_group, self.max_bytes = nccl_group, cpu_group, max_bytes
         self.num_programs, self.block = min(num_programs, MAX_PROGRAMS), block
         self.driver = _Driver()
+        torch.cuda.synchronize(device)  # NOTE: makes the device's primary context current in this thread
         nbytes = FLAGS_BYTES + 2 * max_bytes
         self.own = self.driver.malloc_zeroed(nbytes)
         handles: list[bytes | None] = [None] * world
@@ -212,15 +213,13 @@ class CustomAllReduce:
             self.max_bytes // x.element_size(), self.max_spins, WORLD=self.world, BLOCK=self.block, num_warps=8)
         return out
 
-    def poll_error(self) -> bool:
-        """True when an earlier call gave up on a peer; enqueues a fresh read for the next poll.
-
-        NOTE: reads the flag copied after the previous step (that step's logits already synchronized
-        the stream), so polling costs no synchronization.
-        """
-        failed = bool(self.error_host[0])
+    def fetch_error(self) -> None:
+        """Enqueue a copy of the give-up flag to the host (after a step; the next sync completes it)."""
         self.error_host.copy_(self.error, non_blocking=True)
-        return failed
+
+    def error_seen(self) -> bool:
+        """True when a call before the last fetch_error() gave up on a peer (no synchronization)."""
+        return bool(self.error_host[0])
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The hook for layers.parallel.set_all_reduce: peer memory when eligible, NCCL otherwise."""
