@@ -65,12 +65,20 @@ def main(model_dir: str) -> None:
         content = [{"type": "image_url", "image_url": {"url": screenshot_data_url()}},
                    {"type": "text", "text": "打开设置 (open Settings)"}]
         stream = client.chat.completions.create(model="autoglm-phone-9b", stream=True, max_tokens=24,
-                                                temperature=0.0, messages=[{"role": "user", "content": content}])
-        print("\nassistant (random weights, so gibberish): ", end="", flush=True)
+                                                temperature=0.0, messages=[{"role": "user", "content": content}],
+                                                stream_options={"include_usage": True})
+        # NOTE: random weights mostly pick token ids that the tiny tokenizer decodes to nothing.
+        print("\nassistant (random weights: expect gibberish or empty text): ", end="", flush=True)
+        chunks, finish, usage = 0, None, None
         for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                print(chunk.choices[0].delta.content, end="", flush=True)
-        print("\n\ndemo: a real request was answered by `autoglm-trt serve` on", base)
+            chunks += 1
+            usage = chunk.usage or usage
+            if chunk.choices:
+                finish = chunk.choices[0].finish_reason or finish
+                print(chunk.choices[0].delta.content or "", end="", flush=True)
+        print(f"\n{chunks} stream chunks, finish_reason={finish}, usage: {usage.prompt_tokens} prompt tokens "
+              f"(with the screenshot's image tokens), {usage.completion_tokens} completion tokens")
+        print("demo: a real request was answered by `autoglm-trt serve` on", base)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
