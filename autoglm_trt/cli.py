@@ -65,6 +65,31 @@ app.command("export")(export_cmd)
 app.command("build")(build_cmd)
 
 
+@app.command()
+def calibrate(
+    model_dir: Path = typer.Argument(..., help="checkpoint directory (Hugging Face layout)"),
+    out: Path = typer.Option(..., "--out", "-o", help="calibration directory to write (CALIB_DIR)"),
+    dataset: Optional[Path] = typer.Option(None, help="JSONL of conversations (default: the shipped phone-agent set)"),
+    method: str = typer.Option("entropy", help="max | percentile | entropy (TensorRT's KL calibration)"),
+    samples: Optional[int] = typer.Option(None, help="use the first N samples (default: all)"),
+    percentile: float = typer.Option(99.99, help="for --method percentile"),
+    alpha: float = typer.Option(0.5, help="SmoothQuant migration strength (0..1)"),
+    max_pixels: Optional[int] = typer.Option(None, help="resize bound for the screenshots"),
+    onnx: Optional[Path] = typer.Option(None, help="decoder ONNX graph: also write a Q/DQ copy (decoder_qdq.onnx)"),
+    report: bool = typer.Option(False, "--report", help="compare INT8 with the float model and print it"),
+    report_mode: str = typer.Option("all", help="w8a8 | int8-wo | all"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32"),
+    trt_version: str = typer.Option("10.0.0", help="TensorRT version written in the calibration cache header"),
+) -> None:
+    """Collect INT8 activation statistics: TensorRT calibration cache, SmoothQuant scales, Q/DQ ONNX, report."""
+    from autoglm_trt.calibration.command import run_calibrate
+
+    run_calibrate(model_dir, out, dataset=dataset, method=method, samples=samples, percentile=percentile,
+                  alpha=alpha, max_pixels=max_pixels, onnx=onnx, report=report, report_mode=report_mode,
+                  device=device, dtype=dtype, trt_version=trt_version)
+
+
 # --- serve commands ---
 from autoglm_trt.serve.cli_commands import bench_cmd, serve_cmd  # noqa: E402 (typer only, no heavy imports)
 

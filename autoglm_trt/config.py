@@ -229,11 +229,18 @@ class EngineConfig:
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
     num_decode_steps: int = 8  # greedy decode tokens per CPU round trip on GPU (1 = every token)
     seed: int = 0
+    quant: str = "none"  # none | int8-wo | w8a8: quantize the decoder's linears after loading
+    calib_dir: str | None = None  # calibration directory (SmoothQuant scales) for w8a8
+    act_quant: str = "dynamic"  # w8a8 activation scales: dynamic per token | static from calibration
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device}")
+        if self.quant not in ("none", "int8-wo", "w8a8"):
+            raise ValueError(f"quant must be none, int8-wo or w8a8, got {self.quant}")
+        if self.act_quant not in ("dynamic", "static"):
+            raise ValueError(f"act_quant must be dynamic or static, got {self.act_quant}")
         if not 1 <= self.num_decode_steps <= 64:
             raise ValueError(f"num_decode_steps must be in [1, 64], got {self.num_decode_steps}")

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoglm_trt.builder.manifest import EngineManifest, SourceInfo, file_entry, source_checkpoint_hash, \
-    write_config
+from autoglm_trt.builder.manifest import (EngineManifest, SourceInfo, file_entry, require_checkpoint_dir,
+                                          source_checkpoint_hash, write_config)
 from autoglm_trt.builder.options import BuildConfig, ExportConfig
 from autoglm_trt.builder.profiles import all_profiles
 from autoglm_trt.builder.progress import Steps
@@ -108,6 +108,7 @@ def build_engine(model_dir: str | Path, out_dir: str | Path, cfg: BuildConfig = 
         gpu = gpu_info()
     else:
         gpu = None
+    require_checkpoint_dir(model_dir)
     mcfg = ModelConfig.from_dir(model_dir)
     files = checkpoint_files(model_dir)
     _check_limits(cfg, mcfg)

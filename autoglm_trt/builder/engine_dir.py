@@ -7,13 +7,15 @@ prepared by `layers.quant.prepare_quantized_model`), one tensor at a time.
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from autoglm_trt.builder.manifest import EngineManifest, check_tp, read_manifest, verify_files
+from autoglm_trt.builder.manifest import EngineManifest, check_tp, checksums_enabled, read_manifest, verify_files
+from autoglm_trt.builder.safetensors_io import iter_tensors
 from autoglm_trt.builder.shard import build_model, parallel_state
 from autoglm_trt.config import ModelConfig
 from autoglm_trt.errors import UserError
@@ -26,33 +28,46 @@ def rank_file(rank: int) -> str:
     return f"rank{rank}.safetensors"
 
 
-def files_to_verify(manifest: EngineManifest, rank: int) -> list[str]:
-    """This rank's weights and the small files the runtime reads (not other ranks', ONNX or engines)."""
+def files_to_verify(manifest: EngineManifest) -> list[str]:
+    """The small files the runtime reads (not the weights: those are hashed while they load)."""
     skip_suffixes = (".onnx", ".data", ".engine", ".safetensors")
-    small = [n for n in manifest.files if not n.endswith(skip_suffixes) and not n.startswith("calibration/")]
-    return [rank_file(rank), *small]
+    return [n for n in manifest.files if not n.endswith(skip_suffixes) and not n.startswith("calibration/")]
 
 
-def copy_state(model: torch.nn.Module, path: Path, with_vision: bool, rebuild: str, progress=None) -> None:
-    """Copy every tensor of `path` into the model's state; both sides must name exactly the same tensors."""
+def copy_state(model: torch.nn.Module, path: Path, with_vision: bool, rebuild: str, sha256: str | None = None,
+               progress=None) -> None:
+    """Copy every tensor of `path` into the model's state, in one read that also checks the file's sha256.
+
+    Both sides must name exactly the same tensors (visual.* skipped without the vision tower).
+    """
     state = model.state_dict(keep_vars=True)
-    with safe_open(str(path), framework="pt") as f:
-        keys = [k for k in f.keys() if with_vision or not k.startswith("visual.")]
-        extra, missing = sorted(set(keys) - set(state)), sorted(set(state) - set(keys))
-        if extra or missing:
-            what = f"{len(missing)} missing (first: {missing[0]})" if missing else f"{len(extra)} unknown " \
-                   f"(first: {extra[0]})"
-            raise UserError(f"{path} does not fit this model: {what} tensors; {rebuild}")
-        with torch.no_grad():
-            for key in keys:
-                t = f.get_tensor(key)
-                dst = state[key]
-                if tuple(dst.shape) != tuple(t.shape):
-                    raise UserError(f"{path}: {key} has shape {tuple(t.shape)}, the model wants "
-                                    f"{tuple(dst.shape)}; {rebuild}")
-                dst.copy_(t)
-                if progress is not None:
-                    progress(t.numel() * t.element_size())
+    want = {k for k in state if with_vision or not k.startswith("visual.")}
+    hasher, seen = hashlib.sha256(), set()
+    try:
+        _copy_tensors(iter_tensors(path, hasher), state, with_vision, seen, f"{path}", rebuild, progress)
+    except (ValueError, KeyError, EOFError, OverflowError, struct.error) as exc:  # a damaged header or body
+        raise UserError(f"{path} is damaged ({type(exc).__name__}: {exc}); {rebuild}") from None
+    if want - seen:
+        raise UserError(f"{path} lacks {len(want - seen)} tensors of this model (first: {min(want - seen)}); "
+                        f"{rebuild}")
+    if sha256 is not None and hasher.hexdigest() != sha256:
+        raise UserError(f"{path} does not match its sha256 in the manifest (modified or truncated): {rebuild}")
+
+
+@torch.no_grad()
+def _copy_tensors(tensors, state: dict, with_vision: bool, seen: set, path: str, rebuild: str, progress) -> None:
+    for key, t in tensors:
+        if progress is not None:
+            progress(t.numel() * t.element_size())
+        if not with_vision and key.startswith("visual."):
+            continue
+        dst = state.get(key)
+        if dst is None or tuple(dst.shape) != tuple(t.shape):
+            what = "is not a tensor of this model" if dst is None else \
+                f"has shape {tuple(t.shape)}, the model wants {tuple(dst.shape)}"
+            raise UserError(f"{path}: {key} {what}; {rebuild}")
+        dst.copy_(t)
+        seen.add(key)
 
 
 def load_engine_model(engine_dir: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
@@ -68,8 +83,11 @@ def load_engine_model(engine_dir: str | Path, dtype: str = "auto", device: str |
     check_tp(engine_dir, manifest, tp)
     if not 0 <= rank < tp:
         raise UserError(f"rank {rank} is out of range for tensor parallelism {tp}")
-    if verify:
-        verify_files(engine_dir, manifest, files_to_verify(manifest, rank))
+    name = rank_file(rank)
+    checksums = verify and checksums_enabled()
+    if verify:  # small files fully; the rank file's size now, its sha256 while it loads
+        verify_files(engine_dir, manifest, files_to_verify(manifest), checksums)
+        verify_files(engine_dir, manifest, [name], checksums=False)
     cfg = ModelConfig.from_dir(engine_dir)
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, cfg, device)
@@ -82,10 +100,11 @@ def load_engine_model(engine_dir: str | Path, dtype: str = "auto", device: str |
             from autoglm_trt.layers.quant import prepare_quantized_model
 
             prepare_quantized_model(model, quant, act_quant=act_quant)
-    path = engine_dir / rank_file(rank)
+    path = engine_dir / name
     rebuild = f"rebuild it: `{manifest.command or 'autoglm-trt build MODEL_DIR -o ' + str(engine_dir)}`"
+    sha = manifest.files[name].sha256 if checksums and name in manifest.files else None
     with byte_progress("Loading engine weights", path.stat().st_size, enabled=show_progress) as advance:
-        copy_state(model, path, with_vision, rebuild, advance)
+        copy_state(model, path, with_vision, rebuild, sha, advance)
     return model.eval()
 
 

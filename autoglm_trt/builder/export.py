@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from autoglm_trt.builder import onnx_text, onnx_vision
-from autoglm_trt.builder.manifest import file_entry, source_checkpoint_hash
+from autoglm_trt.builder.manifest import file_entry, require_checkpoint_dir, source_checkpoint_hash
 from autoglm_trt.builder.onnx_io import export_graph, graph_files
 from autoglm_trt.builder.options import ExportConfig
 from autoglm_trt.builder.profiles import all_profiles
@@ -97,6 +97,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, cfg: ExportConfig = 
                 show_progress: bool = True, check_empty: bool = True) -> ExportResult:
     """Export (and by default verify) the ONNX graphs of a checkpoint into `out_dir`."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    require_checkpoint_dir(model_dir)
     mcfg = ModelConfig.from_dir(model_dir)
     if check_empty:
         _check_out_dir(out_dir)

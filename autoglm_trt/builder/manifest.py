@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,7 +60,7 @@ class EngineManifest:
         return out
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "EngineManifest":
+    def from_dict(cls, raw: dict) -> EngineManifest:
         raw = dict(raw)
         raw["source"] = SourceInfo(**raw["source"])
         raw["files"] = {k: FileEntry(**v) for k, v in raw.get("files", {}).items()}
@@ -113,6 +114,14 @@ def is_engine_dir(path: str | Path) -> bool:
         return False
 
 
+def require_checkpoint_dir(model_dir: str | Path) -> None:
+    """build/export read Hugging Face checkpoints, not engine directories."""
+    if is_engine_dir(model_dir):
+        source = read_manifest(model_dir).source.path
+        raise UserError(f"{model_dir} is an engine directory; build or export from the Hugging Face checkpoint "
+                        f"it was built from ({source})")
+
+
 def _rebuild_hint(engine_dir: Path, m: dict) -> str:
     cmd = m.get("command") or f"autoglm-trt build MODEL_DIR -o {engine_dir}"
     return f"rebuild it: `{cmd}`"
@@ -139,9 +148,19 @@ def read_manifest(engine_dir: str | Path) -> EngineManifest:
                         f"{_rebuild_hint(engine_dir, raw)}") from None
 
 
-def verify_files(engine_dir: str | Path, manifest: EngineManifest, names: list[str] | None = None) -> None:
-    """Check size and sha256 of `names` (default: every file in the manifest) against the manifest."""
+def checksums_enabled() -> bool:
+    """False when AUTOGLM_TRT_SKIP_CHECKSUMS=1: loaders then check file sizes only."""
+    return os.environ.get("AUTOGLM_TRT_SKIP_CHECKSUMS", "").lower() not in ("1", "true", "yes")
+
+
+def verify_files(engine_dir: str | Path, manifest: EngineManifest, names: list[str] | None = None,
+                 checksums: bool | None = None) -> None:
+    """Check size and sha256 of `names` (default: every file in the manifest) against the manifest.
+
+    checksums=None reads AUTOGLM_TRT_SKIP_CHECKSUMS: "1" checks sizes only (hashing 20 GB takes ~10 s).
+    """
     engine_dir = Path(engine_dir)
+    checksums = checksums_enabled() if checksums is None else checksums
     for name in names if names is not None else sorted(manifest.files):
         entry, path = manifest.files.get(name), engine_dir / name
         if entry is None:
@@ -149,7 +168,7 @@ def verify_files(engine_dir: str | Path, manifest: EngineManifest, names: list[s
                             f"{_rebuild_hint(engine_dir, asdict(manifest))}")
         if not path.is_file():
             raise UserError(f"{path} is missing: {_rebuild_hint(engine_dir, asdict(manifest))}")
-        if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
+        if path.stat().st_size != entry.bytes or (checksums and sha256_file(path) != entry.sha256):
             raise UserError(f"{path} does not match its sha256 in the manifest (modified or truncated): "
                             f"{_rebuild_hint(engine_dir, asdict(manifest))}")
 

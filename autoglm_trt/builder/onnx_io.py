@@ -13,7 +13,6 @@ from pathlib import Path
 
 import onnx
 import torch
-from onnx.external_data_helper import set_external_data
 
 _PROTO_LIMIT = 2 << 30  # protobuf's 2 GB message limit
 _INLINE_MAX = 1024  # initializers at most this big stay inside model.onnx when data goes external
@@ -64,10 +63,17 @@ def consolidate(src: Path, dst: Path) -> None:
             out.write(b"\0" * pad)
             offset += pad
             out.write(blob)
-            set_external_data(t, location=data_name, offset=offset, length=len(blob))
-            t.data_location = onnx.TensorProto.EXTERNAL
+            _point_to(t, data_name, offset, len(blob))
             offset += len(blob)
     onnx.save_model(model, str(dst))
+
+
+def _point_to(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del t.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    t.data_location = onnx.TensorProto.EXTERNAL
 
 
 def _take_bytes(t: onnx.TensorProto, base: Path) -> bytes | None:

@@ -19,7 +19,7 @@ class Steps:
         self._bar: Progress | None = None
         self._task = None
 
-    def __enter__(self) -> "Steps":
+    def __enter__(self) -> Steps:
         if self.enabled:
             cols = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
             self._bar = Progress(*cols, console=console, transient=False)

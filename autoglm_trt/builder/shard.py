@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from autoglm_trt.builder.stream_writer import SafetensorsWriter
+from autoglm_trt.builder.safetensors_io import SafetensorsWriter
 from autoglm_trt.config import ModelConfig
 from autoglm_trt.errors import UserError
 from autoglm_trt.layers import parallel
@@ -145,7 +145,7 @@ def check_unit_complete(unit: nn.Module, prefix: str, entries: list[LoadEntry], 
             raise UserError(f"checkpoint is missing {label}: incomplete download?")
 
 
-_CALIB_DICTS = ("channel_amax", "act_scales", "smooth_scales", "smoothed_amax")
+_CALIB_DICTS = ("channel_amax", "act_amax", "act_scales", "smooth_scales", "smoothed_amax")
 
 
 def layer_calibration(calib, layer_idx: int):

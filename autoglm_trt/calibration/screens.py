@@ -98,7 +98,8 @@ def _settings(d: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> Non
         d.text((84, y + 28), name, fill=(20, 20, 20), font=_font(22))
         if rng.random() < 0.5:
             on = rng.random() < 0.5
-            d.rounded_rectangle([w - 100, y + 24, w - 30, y + 58], radius=17, fill=(52, 199, 89) if on else (200, 200, 200))
+            d.rounded_rectangle([w - 100, y + 24, w - 30, y + 58], radius=17,
+                                fill=(52, 199, 89) if on else (200, 200, 200))
             d.ellipse([w - 66 if on else w - 98, y + 26, w - 34 if on else w - 66, y + 56], fill=(255, 255, 255))
         else:
             d.text((w - 50, y + 26), ">", fill=(160, 160, 160), font=_font(26))

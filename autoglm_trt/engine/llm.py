@@ -22,11 +22,12 @@ def engine_config_from_kwargs(model_dir: str, *, dtype: str = "auto", device: st
                               enable_prefix_caching: bool = True, enforce_eager: bool = False,
                               tensor_parallel_size: int = 1, seed: int = 0,
                               cuda_graph_batch_sizes: tuple[int, ...] | None = None,
-                              num_decode_steps: int = 8) -> EngineConfig:
+                              num_decode_steps: int = 8, quant: str = "none", calib_dir: str | None = None,
+                              act_quant: str = "dynamic") -> EngineConfig:
     extra = {"cuda_graph_batch_sizes": tuple(cuda_graph_batch_sizes)} if cuda_graph_batch_sizes else {}
     return EngineConfig(
         model_dir=str(model_dir), dtype=dtype, device=device, enforce_eager=enforce_eager, seed=seed,
-        num_decode_steps=num_decode_steps,
+        num_decode_steps=num_decode_steps, quant=quant, calib_dir=calib_dir, act_quant=act_quant,
         cache=CacheConfig(block_size, gpu_memory_utilization, num_blocks, enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs, max(max_num_batched_tokens, 1), max_model_len),
         parallel=ParallelConfig(tensor_parallel_size), **extra)

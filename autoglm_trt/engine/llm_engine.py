@@ -35,7 +35,7 @@ def pick_device(requested: str) -> torch.device:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, model=None) -> None:
-        from autoglm_trt.models.loader import load_model
+        from autoglm_trt.models.loader import apply_quantization, load_model
 
         self.config = config
         self.device = pick_device(config.device)
@@ -49,6 +49,7 @@ class LLMEngine:
         self.executor = start_executor(config, self.device, self.model_config)  # None at TP 1
         with shutdown_on_error(self.executor):
             self.model = model or load_model(config.model_dir, config.dtype, self.device)
+            apply_quantization(self.model, config.quant, config.calib_dir, config.act_quant)
             self.load_seconds = time.perf_counter() - t0
             self.runner = (self.executor.build_runner(self.model, self.model_config, config) if self.executor
                            else ModelRunner(self.model, self.model_config, config, self.device))

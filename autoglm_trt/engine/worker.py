@@ -218,12 +218,13 @@ def worker_main(args: WorkerArgs, conn, step_conn) -> None:
 
 def _build(args: WorkerArgs, groups: TPGroups, conn):
     from autoglm_trt.engine.model_runner import ModelRunner
-    from autoglm_trt.models.loader import load_model
+    from autoglm_trt.models.loader import apply_quantization, load_model
 
     cfg = args.config
     torch.manual_seed(cfg.seed)
     model_cfg = ModelConfig.from_dir(cfg.model_dir)
     model = load_model(cfg.model_dir, cfg.dtype, groups.torch_device, with_vision=False, show_progress=False)
+    apply_quantization(model, cfg.quant, cfg.calib_dir, cfg.act_quant)
     _report(conn, "loaded")
     runner = ModelRunner(model, model_cfg, cfg, groups.torch_device)
     _report(conn, "ready", runner.num_blocks)

@@ -243,7 +243,7 @@ def _calibration_inputs(act_scales, smooth_alpha: float) -> tuple[dict | None, d
     """act_scales (a CalibrationResult or {key: per-channel amax [K]}) -> (channel amax, s, static amax)."""
     if act_scales is None:
         return None, None, None
-    if hasattr(act_scales, "channel_amax"):  # a calibration.CalibrationResult (duck-typed: layers/ imports no calibration)
+    if hasattr(act_scales, "channel_amax"):  # a CalibrationResult (duck-typed: layers/ imports no calibration)
         same = abs(act_scales.smooth_alpha - smooth_alpha) < 1e-9
         return (dict(act_scales.channel_amax), dict(act_scales.smooth_scales) if same else None,
                 dict(act_scales.smoothed_amax) if same else None)

@@ -145,3 +145,16 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
     with byte_progress("Loading weights", total, enabled=show_progress) as advance:
         load_weights(model, files, advance)
     return model.eval()
+
+
+def apply_quantization(model, quant: str, calib_dir: str | None, act_quant: str = "dynamic") -> None:
+    """Quantize a freshly loaded (already sharded) model in place: "none", "int8-wo" or "w8a8"."""
+    if quant == "none" or getattr(model, "quant_config", None):  # engine dirs come pre-quantized
+        return
+    from autoglm_trt.calibration.cache import load_calibration
+    from autoglm_trt.layers.quant import quantize_model
+
+    calib = load_calibration(calib_dir) if calib_dir else None
+    quantize_model(model, quant, calib, act_quant=act_quant)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

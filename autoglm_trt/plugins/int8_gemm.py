@@ -2,9 +2,11 @@
 
 Weights are `[N, K]` int8 (the Linear layout, K contiguous) with one float32 scale per output
 channel; both kernels apply the scales (and the bias) in the epilogue. Decode (M <= 64) is
-memory-bound: each weight byte is read once, in 16-byte vectors along K, and split-K fills the SMs
-when N alone gives too few tiles (the fp32 partials are summed by a small reduce kernel that also
-applies the scales). Launch configs come from the shapes only (no autotuning), so every call is
+memory-bound: each weight byte is read once, in 16-byte vectors along K, through a cp.async
+pipeline (tl.dot: batch 1 pads M to 16 rows of mma, which costs nothing when the weights dominate),
+and split-K fills the SMs when N alone gives too few tiles (a small reduce kernel sums the fp32
+partials and applies the scales). M tiles are the fastest grid axis, so in prefill the programs
+that share a weight tile run together and W leaves HBM once. Launch configs come from the shapes only (no autotuning), so every call is
 CUDA-graph safe; `benchmarks/bench_int8.py --sweep` times the alternatives.
 This module imports triton: import it lazily. CPU references live in `layers/quant.py`.
 """
@@ -24,8 +26,7 @@ _RNE = tl.constexpr(12582912.0)  # 1.5 * 2**23: (x + c) - c rounds fp32 |x| < 2*
 
 @dataclass(frozen=True)
 class GemmConfig:
-    kernel: str  # "gemv" (M == 1, reduction over K in registers) | "dot" (tensor cores)
-    block_m: int
+    block_m: int  # >= 16 (mma): decode's GEMV case (M <= 16) pads M to 16 rows
     block_n: int
     block_k: int
     split_k: int = 1
@@ -33,7 +34,7 @@ class GemmConfig:
     num_stages: int = 3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -42,64 +43,43 @@ def _sms(t: Tensor) -> int:
     return _num_sms(t.device.index or 0) if t.is_cuda else 4
 
 
-def _split_for(tiles: int, k_blocks: int, sms: int) -> int:
-    """Smallest power of two that gives >= one program per SM, keeping >= 4 K blocks per split."""
+def _split_for(tiles: int, k_blocks: int, target: int, cap: int) -> int:
+    """Smallest power of two (<= cap) giving >= target programs, keeping >= 4 K blocks per split."""
     split = 1
-    while tiles * split < sms and k_blocks // (2 * split) >= 4:
+    while tiles * split < target and split < cap and k_blocks // (2 * split) >= 4:
         split *= 2
     return split
 
 
 def default_config(m: int, n: int, k: int, sms: int, int8_act: bool = False) -> GemmConfig:
-    """The launch config used when none is given (tuned for H100 decode, see the bench sweep)."""
-    if m == 1 and not int8_act:
-        cfg = GemmConfig("gemv", 1, 16, 256, num_warps=4, num_stages=3)
-        return GemmConfig(**{**cfg.__dict__, "split_k": _split_for(triton.cdiv(n, 16), k // 256, sms)})
-    if m <= 64:
-        bm = max(16, triton.next_power_of_2(m))
-        bk = 256 if int8_act else 128
-        tiles = triton.cdiv(n, 64) * triton.cdiv(m, bm)
-        return GemmConfig("dot", bm, 64, bk, _split_for(tiles, k // bk, sms), 4, 4)
-    return GemmConfig("dot", 128, 128, 128 if int8_act else 64, 1, 8, 4 if int8_act else 3)
+    """The launch config used when none is given, from the H100 sweep (benchmarks/bench_int8.py --sweep).
+
+    Decode W8A16 (M <= 16, the GEMV case: M padded to 16 rows of mma): 32-channel tiles, split-K up
+    to 4 until there are >= 4 programs per SM. W8A8: no split-K, 512-wide K steps of int8.
+    """
+    bm = max(16, triton.next_power_of_2(m))
+    if m > 64 and not int8_act:  # prefill: compute-bound (the int8 -> bf16 conversion limits it)
+        return GemmConfig(128, 128, 64, 1, 8, 3)
+    if m > 64:  # 128-row tiles unless that leaves SMs idle
+        few = triton.cdiv(m, 128) * triton.cdiv(n, 128) < sms
+        return GemmConfig(64, 128, 128, 1, 4, 4) if few else GemmConfig(128, 128, 128, 1, 8, 3)
+    if int8_act:
+        return GemmConfig(bm, 64, 512, 1, 4, 4) if m <= 32 else GemmConfig(bm, 32, 256, 1, 4, 4)
+    bn, bk = (32, 128) if m <= 16 else (64, 128)
+    tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+    target, cap = (4 * sms, 4) if m <= 16 else (sms, 64)
+    return GemmConfig(bm, bn, bk, _split_for(tiles, k // bk, target, cap), 4, 4)
 
 
 # ---- W8A16 --------------------------------------------------------------------------------------
-@triton.jit
-def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, N, K, stride_wn, k_per_split,
-                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    n_mask = offs_n < N
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
-        if EVEN_K:
-            x = tl.load(x_ptr + offs_k).to(tl.float32)
-            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None], other=0)
-        else:
-            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k[None, :] < K), other=0)
-        acc += w.to(tl.float32) * x[None, :]  # [BN, BK]
-    y = tl.sum(acc, axis=1)  # [BN]
-    if SPLIT_K == 1:
-        y = y * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        tl.store(p_ptr + pid_k * N + offs_n, y, mask=n_mask)
-
-
 @triton.jit
 def _int8_dot_kernel(x_ptr, w_ptr, xs_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, stride_xm, stride_wn,
                      stride_ym, k_per_split, INT8_ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[M, N] = (x @ w^T) * xs[m] * s[n] + b[n]; x int8 (W8A8, xs per token) or float (W8A16)."""
-    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # NOTE: M tiles vary fastest, so the programs sharing a weight tile run together: W leaves HBM once
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = offs_m < M, offs_n < N
@@ -171,16 +151,11 @@ def _launch(x, w, xs, w_scale, bias, out_dtype, cfg: GemmConfig, int8_act: bool)
     part = torch.empty((cfg.split_k, m, n), device=x.device, dtype=torch.float32) if cfg.split_k > 1 else y
     b = bias if bias is not None else w_scale  # NOTE: a valid pointer; HAS_BIAS=False never reads it
     even_k = k % cfg.block_k == 0
-    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.kernel == "gemv":
-        grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
-        _w8a16_gemv_kernel[grid](x, w, w_scale, b, y, part, n, k, w.stride(0), k_per_split, bias is not None,
-                                 cfg.split_k, even_k, cfg.block_n, cfg.block_k, **opts)
-    else:
-        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
-        _int8_dot_kernel[grid](x, w, xs if xs is not None else w_scale, w_scale, b, y, part, m, n, k, x.stride(0),
-                               w.stride(0), y.stride(0), k_per_split, int8_act, bias is not None, cfg.split_k,
-                               even_k, x.dtype == torch.float32 or not x.is_cuda, cfg.block_m, cfg.block_n, cfg.block_k, **opts)
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), cfg.split_k)
+    _int8_dot_kernel[grid](x, w, xs if xs is not None else w_scale, w_scale, b, y, part, m, n, k, x.stride(0),
+                           w.stride(0), y.stride(0), k_per_split, int8_act, bias is not None, cfg.split_k, even_k,
+                           x.dtype == torch.float32 or not x.is_cuda, cfg.block_m, cfg.block_n, cfg.block_k,
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.split_k > 1:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](part, w_scale, b, y, m, n, y.stride(0),
@@ -193,8 +168,6 @@ def w8a16_matmul(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None = No
     """x [M, K] (bf16/fp16/fp32) @ dequant(w int8 [N, K], w_scale fp32 [N])^T + bias -> [M, N] in x's dtype."""
     m, n, k = _check(x, w, w_scale)
     cfg = config or default_config(m, n, k, _sms(x))
-    if cfg.kernel == "gemv" and m != 1:
-        raise ValueError("the gemv kernel takes exactly one row")
     return _launch(x, w, None, w_scale, bias, x.dtype, cfg, int8_act=False)
 
 
@@ -205,8 +178,6 @@ def w8a8_matmul(xq: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias: T
     if xq.dtype != torch.int8 or x_scale.dtype != torch.float32 or x_scale.numel() != m:
         raise ValueError("xq must be int8 [M, K] with a float32 per-token scale [M]")
     cfg = config or default_config(m, n, k, _sms(xq), int8_act=True)
-    if cfg.kernel != "dot":
-        raise ValueError("W8A8 runs on the dot kernel only")
     return _launch(xq, w, x_scale, w_scale, bias, out_dtype, cfg, int8_act=True)
 
 
@@ -255,5 +226,11 @@ def quantize_per_token(x: Tensor, mul: Tensor | None = None,
     return q, s
 
 
-__all__ = ["GemmConfig", "default_config", "quantize_per_token", "w8a16_matmul", "w8a8_matmul",
-           "w8a8_matmul_int_mm"]
+__all__ = [
+    "GemmConfig",
+    "default_config",
+    "quantize_per_token",
+    "w8a8_matmul",
+    "w8a8_matmul_int_mm",
+    "w8a16_matmul",
+]

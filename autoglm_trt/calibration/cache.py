@@ -1,0 +1,167 @@
+"""The calibration directory: statistics in safetensors, a TensorRT calibration cache, a JSON summary.
+
+CALIB_DIR/
+  act_amax.safetensors           {key: [1]}  per-tensor amax of each linear input (the chosen method)
+  smoothed_act_amax.safetensors  {key: [1]}  the same for the SmoothQuant-smoothed input x / s
+  channel_amax.safetensors       {key: [K]}  max |x| per input channel
+  smooth_scales.safetensors      {key: [K]}  SmoothQuant s (for smooth_alpha)
+  calibration.cache              TensorRT text cache: "<key>.input" and "<key>.smoothed_input" lines
+  summary.json                   method, options, per-layer figures, onnx and report results
+Keys are linear keys ("layers.3.mlp.down_proj"); ONNX tensor names derive from them (names.py).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from autoglm_trt.calibration.names import onnx_input_name, onnx_smoothed_input_name
+from autoglm_trt.errors import UserError
+
+FORMAT_VERSION = 1
+CACHE_FILE = "calibration.cache"
+SUMMARY_FILE = "summary.json"
+DEFAULT_TRT_VERSION = "10.0.0"  # NOTE: the header only; pass the installed TensorRT's version when known
+_ALGOS = {"entropy": "EntropyCalibration2", "percentile": "EntropyCalibration2", "max": "MinMaxCalibration"}
+
+
+@dataclass
+class CalibrationResult:
+    method: str  # max | percentile | entropy
+    act_amax: dict[str, Tensor]  # key -> [] per-tensor amax of the linear's input
+    smoothed_amax: dict[str, Tensor]  # key -> [] per-tensor amax of x / s (the SmoothQuant input)
+    channel_amax: dict[str, Tensor]  # key -> [K] max |x| per input channel (over all tokens)
+    smooth_scales: dict[str, Tensor]  # key -> [K] s: x / s, W * s
+    smooth_alpha: float = 0.5
+    percentile: float = 99.99
+    num_samples: int = 0
+    num_tokens: int = 0
+    info: dict = field(default_factory=dict)  # model_dir, dataset, ... (summary.json)
+
+    @property
+    def act_scales(self) -> dict[str, Tensor]:
+        """Per-tensor INT8 scales (amax / 127) of the linear inputs: TensorRT's meaning of a scale."""
+        return {k: v / 127.0 for k, v in self.act_amax.items()}
+
+    @property
+    def smoothed_act_scales(self) -> dict[str, Tensor]:
+        return {k: v / 127.0 for k, v in self.smoothed_amax.items()}
+
+
+# ---- TensorRT calibration cache ------------------------------------------------------------------
+def float_to_hex(x: float) -> str:
+    """The 8 hex digits of the big-endian IEEE float32 (TensorRT's cache encoding)."""
+    return struct.pack(">f", x).hex()
+
+
+def hex_to_float(h: str) -> float:
+    return struct.unpack(">f", bytes.fromhex(h))[0]
+
+
+def trt_version_tag(version: str) -> str:
+    """'10.3.0' -> '100300' (NV_TENSORRT_VERSION since 10.0); '8.6.1' -> '8601' (before)."""
+    major, minor, patch = (int(p) for p in (version.split(".") + ["0", "0"])[:3])
+    return str(major * 10000 + minor * 100 + patch if major >= 10 else major * 1000 + minor * 100 + patch)
+
+
+def write_trt_cache(path: Path, scales: dict[str, float], method: str, trt_version: str = DEFAULT_TRT_VERSION) -> None:
+    lines = [f"TRT-{trt_version_tag(trt_version)}-{_ALGOS[method]}"]
+    lines += [f"{name}: {float_to_hex(scale)}" for name, scale in scales.items()]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def read_trt_cache(path: Path) -> tuple[str, dict[str, float]]:
+    """-> (header line, {tensor name: scale})."""
+    lines = Path(path).read_text().splitlines()
+    if not lines or not lines[0].startswith("TRT-"):
+        raise UserError(f"{path} is not a TensorRT calibration cache (first line {lines[:1]})")
+    scales = {}
+    for line in lines[1:]:
+        if line.strip():
+            name, _, value = line.rpartition(":")
+            scales[name.strip()] = hex_to_float(value.strip())
+    return lines[0], scales
+
+
+def trt_cache_scales(result: CalibrationResult) -> dict[str, float]:
+    """ONNX tensor name -> scale, for both the plain and the smoothed linear inputs."""
+    out = {}
+    for key in result.act_amax:
+        out[onnx_input_name(key)] = float(result.act_amax[key]) / 127.0
+        out[onnx_smoothed_input_name(key)] = float(result.smoothed_amax[key]) / 127.0
+    return out
+
+
+# ---- save / load ---------------------------------------------------------------------------------
+def _scalars(d: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().float().reshape(1).cpu().contiguous() for k, v in d.items()}
+
+
+def _vectors(d: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().float().cpu().contiguous() for k, v in d.items()}
+
+
+def save_calibration(result: CalibrationResult, out_dir: str | Path, trt_version: str = DEFAULT_TRT_VERSION,
+                     extra_summary: dict | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(_scalars(result.act_amax), str(out / "act_amax.safetensors"))
+    save_file(_scalars(result.smoothed_amax), str(out / "smoothed_act_amax.safetensors"))
+    save_file(_vectors(result.channel_amax), str(out / "channel_amax.safetensors"))
+    save_file(_vectors(result.smooth_scales), str(out / "smooth_scales.safetensors"))
+    write_trt_cache(out / CACHE_FILE, trt_cache_scales(result), result.method, trt_version)
+    summary = {"format_version": FORMAT_VERSION, "method": result.method, "percentile": result.percentile,
+               "smooth_alpha": result.smooth_alpha, "num_samples": result.num_samples,
+               "num_tokens": result.num_tokens, "trt_cache": CACHE_FILE, "trt_version": trt_version,
+               **result.info, "layers": layer_summary(result), **(extra_summary or {})}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    return out
+
+
+def layer_summary(result: CalibrationResult) -> dict[str, dict]:
+    """Per linear: amax, smoothed amax, and how outlier-heavy its channels are (max / median)."""
+    rows = {}
+    for key, ch in result.channel_amax.items():
+        med = float(ch.float().median())
+        rows[key] = {"amax": round(float(result.act_amax[key]), 6), "max": round(float(ch.max()), 6),
+                     "smoothed_amax": round(float(result.smoothed_amax[key]), 6),
+                     "channel_outlier_ratio": round(float(ch.max()) / med, 3) if med > 0 else None}
+    return rows
+
+
+def load_calibration(calib_dir: str | Path) -> CalibrationResult:
+    """Read a directory written by `autoglm-trt calibrate` (or save_calibration)."""
+    d = Path(calib_dir)
+    summary_path = d / SUMMARY_FILE
+    if not summary_path.is_file():
+        raise UserError(f"{d} is not a calibration directory (no {SUMMARY_FILE}); run `autoglm-trt calibrate`")
+    summary = json.loads(summary_path.read_text())
+    if summary.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{d} has calibration format {summary.get('format_version')}, this version reads "
+                        f"{FORMAT_VERSION}: run `autoglm-trt calibrate` again")
+    try:
+        tensors = [load_file(str(d / f"{n}.safetensors")) for n in
+                   ("act_amax", "smoothed_act_amax", "channel_amax", "smooth_scales")]
+    except (OSError, RuntimeError) as exc:
+        raise UserError(f"{d}: cannot read the statistics ({exc}); run `autoglm-trt calibrate` again") from None
+    act, smoothed, channel, smooth = tensors
+    info_keys = ("model_dir", "dataset", "device", "dtype", "max_pixels")
+    return CalibrationResult(
+        method=summary["method"], act_amax={k: v.reshape(()) for k, v in act.items()},
+        smoothed_amax={k: v.reshape(()) for k, v in smoothed.items()}, channel_amax=channel,
+        smooth_scales=smooth, smooth_alpha=float(summary["smooth_alpha"]),
+        percentile=float(summary.get("percentile", 99.99)), num_samples=int(summary.get("num_samples", 0)),
+        num_tokens=int(summary.get("num_tokens", 0)), info={k: summary[k] for k in info_keys if k in summary})
+
+
+def update_summary(calib_dir: str | Path, **fields) -> None:
+    path = Path(calib_dir) / SUMMARY_FILE
+    summary = json.loads(path.read_text())
+    summary.update(fields)
+    path.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+

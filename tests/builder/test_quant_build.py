@@ -1,0 +1,81 @@
+"""INT8 engines: pre-quantized rank files equal quantizing the checkpoint in memory (per rank, with SmoothQuant)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autoglm_trt.builder.manifest import read_manifest
+from autoglm_trt.models.loader import load_model
+
+quant = pytest.importorskip("autoglm_trt.layers.quant")
+LINEARS = {"self_attn.qkv_proj": 128, "self_attn.o_proj": 128, "mlp.gate_up_proj": 128, "mlp.down_proj": 256}
+
+
+@pytest.fixture(scope="module")
+def calib_dir(tmp_path_factory):
+    """A calibration directory with made-up (but well-formed) statistics for the tiny model's 2 layers."""
+    cache = pytest.importorskip("autoglm_trt.calibration.cache")
+    g = torch.Generator().manual_seed(3)
+    ch, s = {}, {}
+    for i in range(2):
+        for name, k in LINEARS.items():
+            key = f"layers.{i}.{name}"
+            ch[key] = torch.rand(k, generator=g) * 4 + 0.1
+            s[key] = torch.rand(k, generator=g) + 0.5
+    result = cache.CalibrationResult(method="max", act_amax={k: v.max() for k, v in ch.items()},
+                                     smoothed_amax={k: (v / s[k]).max() for k, v in ch.items()},
+                                     channel_amax=ch, smooth_scales=s, smooth_alpha=0.5)
+    return cache.save_calibration(result, tmp_path_factory.mktemp("calib") / "c")
+
+
+def _logits(model) -> torch.Tensor:
+    ids, pos = torch.arange(3, 12) * 11, torch.arange(9).expand(3, -1)
+    with torch.no_grad():
+        return model.compute_logits(model(model.embed(ids), pos))
+
+
+@pytest.mark.parametrize("mode", ["int8-wo", "w8a8"])
+def test_int8_round_trip_equals_in_memory_quantization(build_engine_dir, tiny_model_dir, mode):
+    result = build_engine_dir(f"q-{mode}", quant=mode)
+    assert read_manifest(result.engine_dir).quantization["mode"] == mode
+    engine = load_model(result.engine_dir, dtype="float32", show_progress=False)
+    ref = load_model(tiny_model_dir, dtype="float32", show_progress=False)
+    quant.quantize_model(ref, mode)
+    assert engine.language_model.layers[1].mlp.down_proj.weight.dtype == torch.int8
+    assert torch.equal(_logits(engine), _logits(ref))
+
+
+@pytest.mark.parametrize("act_quant", ["dynamic", "static"])
+def test_smoothquant_tp2_rank_files_equal_per_rank_quantization(build_engine_dir, tiny_model_dir, calib_dir,
+                                                               act_quant):
+    from autoglm_trt.builder.shard import parallel_state
+    from autoglm_trt.calibration.cache import load_calibration
+
+    result = build_engine_dir(f"w8a8-{act_quant}", quant="w8a8", tp=2, act_quant=act_quant, calib_dir=str(calib_dir))
+    m = read_manifest(result.engine_dir)
+    assert m.quantization["act_quant"] == act_quant and m.quantization["calibration"]["smooth_alpha"] == 0.5
+    assert (result.engine_dir / "calibration" / "summary.json").is_file()
+    calib = load_calibration(calib_dir)
+    for rank in range(2):
+        engine = load_model(result.engine_dir, dtype="float32", rank=rank, tp_size=2, show_progress=False)
+        with parallel_state(rank, 2):
+            live = load_model(tiny_model_dir, dtype="float32", show_progress=False)
+            quant.quantize_model(live, "w8a8", act_scales=calib, smooth_alpha=0.5, act_quant=act_quant)
+        live_sd = live.state_dict()
+        engine_sd = engine.state_dict()
+        assert set(engine_sd) == set(live_sd)
+        for name, t in engine_sd.items():
+            assert torch.equal(t, live_sd[name]), (rank, name)
+        if act_quant == "static":
+            assert "language_model.layers.0.mlp.down_proj.input_scale" in engine_sd
+
+
+def test_smoothquant_tp1_matches_in_memory_logits(build_engine_dir, tiny_model_dir, calib_dir):
+    from autoglm_trt.calibration.cache import load_calibration
+
+    result = build_engine_dir("w8a8-tp1-calib", quant="w8a8", calib_dir=str(calib_dir))
+    ref = load_model(tiny_model_dir, dtype="float32", show_progress=False)
+    quant.quantize_model(ref, "w8a8", act_scales=load_calibration(calib_dir), smooth_alpha=0.5)
+    engine = load_model(result.engine_dir, dtype="float32", show_progress=False)
+    assert torch.equal(_logits(engine), _logits(ref))
