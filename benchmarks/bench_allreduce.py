@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 from pathlib import Path
 
 import torch
+from autoglm_trt.engine.distributed import free_port, join_nccl_with_gloo
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -26,22 +26,6 @@ def parse_size(text: str) -> int:
     text = text.strip().upper()
     scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
     return int(text.rstrip("KM")) * scale
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def join(rank: int, world: int, port: int):
-    """NCCL default group + a gloo group (the custom all-reduce exchanges IPC handles over it)."""
-    import torch.distributed as dist
-
-    torch.cuda.set_device(rank)
-    store = dist.TCPStore("127.0.0.1", port, world, rank == 0)
-    dist.init_process_group("nccl", store=store, rank=rank, world_size=world, device_id=torch.device("cuda", rank))
-    return dist.new_group(backend="gloo")
 
 
 def time_per_call_us(fn, x: torch.Tensor, reps: int, iters: int, graph: bool, cpu_group) -> float:
@@ -88,7 +72,7 @@ def rank_main(rank: int, world: int, port: int, sizes: list[int], programs: list
 
     from autoglm_trt.plugins.custom_allreduce import CustomAllReduce
 
-    cpu = join(rank, world, port)
+    cpu = join_nccl_with_gloo(rank, world, port)
     dev = torch.device("cuda", rank)
     variants = {"nccl": nccl_all_reduce}
     for p in programs:

@@ -392,3 +392,20 @@ _LIVE: weakref.WeakSet = weakref.WeakSet()
 def _shutdown_all() -> None:
     for executor in list(_LIVE):
         executor.shutdown()
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for a TCPStore or a local server)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_nccl_with_gloo(rank: int, world: int, port: int):
+    """Join an NCCL default group on cuda:rank; -> a gloo group (the custom all-reduce swaps IPC handles over it)."""
+    torch.cuda.set_device(rank)
+    store = dist.TCPStore("127.0.0.1", port, world, rank == 0)
+    dist.init_process_group("nccl", store=store, rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    return dist.new_group(backend="gloo")

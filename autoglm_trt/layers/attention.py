@@ -28,13 +28,11 @@ class PagedAttention(nn.Module):
         self.scale = head_dim ** -0.5
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [T, H, D], k/v [T, kvH, D] -> [T, H, D]."""
-        ctx = get_context()
-        if ctx is None:
-            return causal_attention(q, k, v, self.scale)
-        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        plugins.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
-        return self.attend_cached(q)
+        """No step context (parity tests, ONNX export): q [T, H, D], k/v [T, kvH, D] -> [T, H, D].
+
+        With a context the decoder stores K/V in its fused rotary kernel and calls attend_cached.
+        """
+        return causal_attention(q, k, v, self.scale)
 
     def attend_cached(self, q: torch.Tensor) -> torch.Tensor:
         """q [T, H, D] over the paged cache, where this step's K/V are already stored -> [T, H, D]."""

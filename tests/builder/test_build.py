@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from autoglm_trt.builder.manifest import MANIFEST_KEY, is_engine_dir, read_manif
 from autoglm_trt.config import ModelConfig
 from autoglm_trt.errors import UserError
 from autoglm_trt.models.loader import load_model
+from autoglm_trt.engine.distributed import free_port
 
 HERE = Path(__file__).parent
 
@@ -93,15 +93,9 @@ def test_tp2_rank_files_equal_live_sharding(tiny_engine_tp2, tiny_model_dir):
         assert engine.language_model.layers[0].self_attn.qkv_proj.weight.shape == (2 * 32 + 2 * 32, 128)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_tp2_engine_forward_over_gloo_matches_tp1(tiny_engine_tp2, our_model, tmp_path):
-    port, out = _free_port(), tmp_path / "logits.pt"
+    port, out = free_port(), tmp_path / "logits.pt"
     env = {**os.environ, "PYTHONPATH": str(HERE.parents[1])}
     procs = [subprocess.Popen([sys.executable, str(HERE / "tp_worker.py"), str(tiny_engine_tp2.engine_dir),
                                str(r), "2", str(port), str(out)], env=env) for r in range(2)]

@@ -6,32 +6,17 @@ from __future__ import annotations
 import gc
 import os
 import signal
-import socket
 
 import pytest
 import torch
 
 from autoglm_trt.engine.sampling_params import SamplingParams
+from autoglm_trt.engine.distributed import free_port, join_nccl_with_gloo
 
 pytestmark = pytest.mark.multi_gpu
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NOTE: NVLink multicast stays off on shared hosts
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _join(rank: int, world: int, port: int):
-    import torch.distributed as dist
-
-    torch.cuda.set_device(rank)
-    store = dist.TCPStore("127.0.0.1", port, world, rank == 0)
-    dist.init_process_group("nccl", store=store, rank=rank, world_size=world, device_id=torch.device("cuda", rank))
-    return dist.new_group(backend="gloo")
 
 
 def _check_sums(car, rank: int, dtype: torch.dtype, sizes: list[int]) -> None:
@@ -78,7 +63,7 @@ def _all_reduce_worker(rank: int, world: int, port: int) -> None:
 
     from autoglm_trt.plugins.custom_allreduce import CustomAllReduce
 
-    cpu = _join(rank, world, port)
+    cpu = join_nccl_with_gloo(rank, world, port)
     car, why = CustomAllReduce.create(rank, world, torch.device("cuda", rank), dist.group.WORLD, cpu,
                                       max_spins=1 << 24)  # NOTE: a protocol bug fails instead of hanging
     assert car is not None, why
@@ -97,7 +82,7 @@ def _all_reduce_worker(rank: int, world: int, port: int) -> None:
 
 
 def test_custom_all_reduce_equals_nccl():
-    torch.multiprocessing.spawn(_all_reduce_worker, args=(2, _free_port()), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_all_reduce_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
 PROMPTS = ["Open the settings app", "打开微信，给妈妈发消息", "a b c d e f g h i j k l m n o p " * 8]

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +20,9 @@ from autoglm_trt.serve.app import build_app
 from autoglm_trt.serve.config import ServerConfig
 from autoglm_trt.serve.grpc.server import GrpcServer
 from autoglm_trt.serve.state import ServeState
+from autoglm_trt.engine.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class InProcessServer:
