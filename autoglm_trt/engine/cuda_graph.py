@@ -6,7 +6,12 @@ one valid block, so they cost a little work and never touch a live sequence's ca
 
 Multi-step graphs go further for greedy batches: they also apply frequency/presence penalties, take
 the argmax, record it, and advance ids/positions/slots in place, so K replays decode K tokens with no
-CPU round trip in between (the CPU's per-step work is paid once per K tokens).
+CPU round trip in between (the CPU's per-step work is paid once per K tokens). A window is launched
+(`launch_multi`), read back (`collect`) and may be continued (`continue_multi`) with only the inputs
+that do not depend on its tokens (slots, block tables): the engine launches window N+1 before it
+does window N's CPU work, so that work overlaps the GPU.
+
+On the CPU (tests) nothing is captured: a "replay" runs the same step eagerly on the same buffers.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ class DecodeGraphs:
     def __init__(self, model, kv_caches, batch_sizes: list[int], max_blocks: int, device: torch.device,
                  max_steps: int = 1) -> None:
         self.model, self.kv_caches, self.device = model, kv_caches, device
+        self.eager = device.type != "cuda"  # CPU (tests): "replays" run the step eagerly
         self.batch_sizes = sorted(set(batch_sizes))
         n, dev = self.batch_sizes[-1], device
         self.ids = torch.zeros(n, dtype=torch.long, device=dev)
@@ -43,6 +49,8 @@ class DecodeGraphs:
             self.ones = torch.ones(n, 1, dtype=torch.float32, device=dev)
             self.history = torch.zeros(max_steps, n, dtype=torch.long, device=dev)  # [K, n] argmax per step
             self.step = torch.zeros(1, dtype=torch.long, device=dev)
+            self.host_history = torch.zeros(max_steps, n, dtype=torch.long, pin_memory=not self.eager)
+            self.done = None if self.eager else torch.cuda.Event()  # the last window's history is on the host
 
     def _forward(self, bs: int) -> torch.Tensor:
         ctx = AttentionContext(self.slots[:bs], self.cu[:bs + 1], self.seq_lens[:bs], self.tables[:bs],
@@ -74,6 +82,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        if self.eager:
+            return
         pool = None
         for bs in reversed(self.batch_sizes):  # largest first: later graphs reuse its pool
             self._forward(bs)  # warm-up: Triton compiles and autotunes outside the capture
@@ -119,13 +129,22 @@ class DecodeGraphs:
 
     def run(self, ids, positions, slots, seq_lens, tables) -> torch.Tensor:
         """Replay the graph of the smallest bucket >= len(ids); returns logits [len(ids), vocab]."""
-        graph, out = self.graphs[self._load(ids, positions, slots, seq_lens, tables)]
+        padded = self._load(ids, positions, slots, seq_lens, tables)
+        if self.eager:
+            return self._forward(padded)[:len(ids)]
+        graph, out = self.graphs[padded]
         graph.replay()
         return out[:len(ids)]
 
     def run_multi(self, ids, positions, slots, seq_lens, tables, steps: int,
                   penalties: list[tuple[float, float, list[int]]] | None) -> list[list[int]]:
-        """Greedy-decode `steps` tokens for every row with no CPU round trip -> tokens [steps][rows].
+        """Greedy-decode `steps` tokens for every row with no CPU round trip -> tokens [steps][rows]."""
+        self.launch_multi(ids, positions, slots, seq_lens, tables, steps, penalties)
+        return self.collect(steps, len(ids))
+
+    def launch_multi(self, ids, positions, slots, seq_lens, tables, steps: int,
+                     penalties: list[tuple[float, float, list[int]]] | None) -> None:
+        """Start a window of `steps` greedy tokens (asynchronous on the GPU; read it with `collect`).
 
         `penalties[i]` = (frequency, presence, generated token ids so far) of row i, or None for none.
         """
@@ -138,11 +157,33 @@ class DecodeGraphs:
         self.pres[:padded].zero_()
         if penalties:
             self._load_penalties(penalties)
+        self._replay(padded, bs, steps)
+
+    def continue_multi(self, slots: list[int], tables: list[list[int]], steps: int) -> None:
+        """Start the next window of the same rows: ids, positions, lengths and penalty counts carry on
+        on the device; only the first token's cache slots and the (grown) block tables are new."""
+        bs, dev = len(slots), self.device
+        self.slots[:bs].copy_(torch.tensor(slots), non_blocking=True)
+        table = padded_tables(tables).clamp_(min=0)  # [bs, width]
+        self.tables[:bs, :table.shape[1]].copy_(table.to(dev, non_blocking=True))
+        self._replay(self.bucket(bs), bs, steps)
+
+    def _replay(self, padded: int, bs: int, steps: int) -> None:
         self.step.zero_()
-        graph = self.multi[padded]
         for _ in range(steps):
-            graph.replay()
-        return self.history[:steps, :bs].tolist()
+            if self.eager:
+                self._advance(padded)
+            else:
+                self.multi[padded].replay()
+        self.host_history[:steps, :bs].copy_(self.history[:steps, :bs], non_blocking=True)
+        if self.done is not None:
+            self.done.record()
+
+    def collect(self, steps: int, bs: int) -> list[list[int]]:
+        """Wait for the last launched window -> its tokens [steps][bs]."""
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host_history[:steps, :bs].tolist()
 
     def _load_penalties(self, penalties: list[tuple[float, float, list[int]]]) -> None:
         bs = len(penalties)

@@ -384,6 +384,10 @@ class TPRunner:
     def run_multi(self, batch: StepBatch, steps: int, penalties) -> list[list[int]]:
         return self.executor.execute_multi(self.runner, batch, steps, penalties)
 
+    # NOTE: windows are not pipelined across ranks yet (each multi-step window is one broadcast call);
+    # without this the inner runner's launch_multi would run on rank 0 alone.
+    can_pipeline = False
+
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 

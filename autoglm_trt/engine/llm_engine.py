@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -58,6 +59,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self._text: dict[str, TextState] = {}
         self._sent_tokens: dict[str, int] = {}
+        self._window: _Window | None = None  # a multi-step window launched on the GPU, not yet read
         gc.collect()
         gc.freeze()  # NOTE: start-up objects leave the GC's generations: fewer, shorter pauses per step
         log(f"engine ready on {self.device}: {self.runner.num_blocks} KV blocks "
@@ -96,12 +98,15 @@ class LLMEngine:
 
     # ---- one step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self._window is not None:  # a multi-step window is on the GPU: its tokens first
+            return self._finish_window()
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
         steps = self._multi_steps(out)
         if steps > 1 and self._reserve_lookahead(out, steps):
-            return self._step_multi(out, steps)
+            self._launch_window(out, steps)
+            return self._finish_window()
         sampled, logprobs = self._run(out)
         self.scheduler.update(out, sampled)
         return self._postprocess(out, logprobs)
@@ -111,26 +116,65 @@ class LLMEngine:
         """How many tokens this decode batch may produce in one go on the GPU (1 = the normal path)."""
         if not out.is_decode or not self.runner.can_run_multi(len(out.scheduled)):
             return 1
-        limit = self.config.scheduler.max_model_len
-        steps = self.config.num_decode_steps
         for sch in out.scheduled:
             seq, p = sch.seq, sch.seq.params
             if (sch.start < seq.num_prompt_tokens or not p.is_greedy or p.repetition_penalty != 1.0
                     or p.logprobs is not None):
                 return 1
-            steps = min(steps, limit - seq.num_tokens)
-        return steps
+        return self._window_steps([s.seq for s in out.scheduled], 0)
 
-    def _reserve_lookahead(self, out: SchedulerOutput, steps: int) -> bool:
+    def _window_steps(self, seqs: list[Sequence], ahead: int) -> int:
+        """Tokens for a window starting `ahead` tokens past the seqs' known ones: at most
+        num_decode_steps, never past max_model_len, never past the longest remaining max_tokens."""
+        limit = self.config.scheduler.max_model_len
+        room = min(limit - s.num_tokens - ahead for s in seqs)
+        wanted = max(s.params.max_tokens - s.num_output_tokens - ahead for s in seqs)
+        return max(0, min(self.config.num_decode_steps, room, wanted))
+
+    def _reserve_lookahead(self, out: SchedulerOutput, steps: int, ahead: int = 0) -> bool:
         bm = self.scheduler.block_manager
-        return all(bm.allocate(s.seq, 1, lookahead=steps - 1).ok for s in out.scheduled)
+        return all(bm.allocate(s.seq, 1, lookahead=ahead + steps - 1).ok for s in out.scheduled)
 
-    def _step_multi(self, out: SchedulerOutput, steps: int) -> list[RequestOutput]:
+    def _launch_window(self, out: SchedulerOutput, steps: int) -> None:
         seqs = [s.seq for s in out.scheduled]
         penalties = [(s.params.frequency_penalty, s.params.presence_penalty, s.output_token_ids) for s in seqs]
         has_pen = any(f or p for f, p, _ in penalties)
-        tokens = self.runner.run_multi(build_batch(out, self.config.cache.block_size), steps,
-                                       penalties if has_pen else None)  # [steps][B]
+        self.runner.launch_multi(build_batch(out, self.config.cache.block_size), steps,
+                                 penalties if has_pen else None)
+        self._window = _Window(out, steps)
+
+    def _finish_window(self) -> list[RequestOutput]:
+        """Read the window on the GPU; launch the next one of the same rows when nothing stops them
+        and no request waits; then do this window's CPU work (it overlaps the next window)."""
+        win, self._window = self._window, None
+        tokens = self.runner.collect_multi(win.steps, len(win.out.scheduled))  # [steps][B]
+        nxt = self._continue_window(win, tokens)
+        outputs = self._apply_window(win.out, tokens)
+        # NOTE: rows that finished (a stop string) or were aborted since stay in place (rows are fixed on
+        # the device) and their tokens are dropped; a window whose rows all ended is simply never read.
+        if nxt and any(s.seq.status is SequenceStatus.RUNNING for s in win.out.scheduled):
+            self._window = _Window(SchedulerOutput([ScheduledSeq(s.seq, 1) for s in win.out.scheduled], [], []), nxt)
+        return outputs
+
+    def _continue_window(self, win: "_Window", tokens: list[list[int]]) -> int:
+        """Launch the next window (before this one's tokens are applied) -> its steps, 0 if none."""
+        seqs = [s.seq for s in win.out.scheduled]
+        if not self.runner.can_pipeline or self.scheduler.num_waiting:
+            return 0
+        for i, seq in enumerate(seqs):
+            if seq.status is not SequenceStatus.RUNNING or self.scheduler.stops_within(seq, [t[i] for t in tokens]):
+                return 0
+        steps = self._window_steps(seqs, win.steps)
+        if steps < 1 or not self._reserve_lookahead(win.out, steps, ahead=win.steps):
+            return 0
+        bsz = self.config.cache.block_size
+        idx = [s.num_computed_tokens + win.steps for s in seqs]  # the next window's first input token
+        slots = [s.block_table[i // bsz] * bsz + i % bsz for i, s in zip(idx, seqs)]
+        self.runner.continue_multi(slots, [s.block_table for s in seqs], steps)
+        return steps
+
+    def _apply_window(self, out: SchedulerOutput, tokens: list[list[int]]) -> list[RequestOutput]:
+        seqs = [s.seq for s in out.scheduled]
         row = {s.request_id: i for i, s in enumerate(seqs)}
         start = {s.request_id: s.num_computed_tokens for s in seqs}
         # NOTE: stop strings must be checked token by token (to cut exactly); otherwise the text of all
@@ -207,6 +251,12 @@ class LLMEngine:
         bm = self.scheduler.block_manager
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, bm.usage, bm.num_free_blocks,
                            bm.num_blocks, bm.prefix_cache_queries, bm.prefix_cache_hits, self.config.cache.block_size)
+
+
+@dataclass
+class _Window:
+    out: SchedulerOutput  # its rows, in batch order; starts = num_computed_tokens when it was launched
+    steps: int
 
 
 def _merge(prev: RequestOutput | None, new: RequestOutput) -> RequestOutput:

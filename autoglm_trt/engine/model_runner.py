@@ -147,3 +147,20 @@ class ModelRunner:
         """Greedy multi-step decode on the GPU -> tokens [steps][len(batch.input_ids)]."""
         return self.graphs.run_multi(batch.input_ids, batch.positions.to(self.device), batch.slot_mapping,
                                      batch.seq_lens, batch.block_tables, steps, penalties)
+
+    # ---- pipelined windows (the engine overlaps its CPU work for window N with window N+1) ----------
+    @property
+    def can_pipeline(self) -> bool:
+        return self.graphs is not None and self.graphs.max_steps > 1
+
+    @torch.inference_mode()
+    def launch_multi(self, batch: StepBatch, steps: int, penalties) -> None:
+        self.graphs.launch_multi(batch.input_ids, batch.positions.to(self.device), batch.slot_mapping,
+                                 batch.seq_lens, batch.block_tables, steps, penalties)
+
+    @torch.inference_mode()
+    def continue_multi(self, slots: list[int], tables: list[list[int]], steps: int) -> None:
+        self.graphs.continue_multi(slots, tables, steps)
+
+    def collect_multi(self, steps: int, batch_size: int) -> list[list[int]]:
+        return self.graphs.collect(steps, batch_size)

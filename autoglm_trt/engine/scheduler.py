@@ -230,6 +230,16 @@ class Scheduler:
             return "length"
         return None
 
+    def stops_within(self, seq: Sequence, tokens: list[int]) -> bool:
+        """Would appending `tokens` to seq finish it (stop ids or a length limit)? Changes nothing."""
+        params, n = seq.params, len(tokens)
+        stop_ids = set(params.stop_token_ids) if params.ignore_eos else self.eos_token_ids.union(params.stop_token_ids)
+        if not stop_ids.isdisjoint(tokens):
+            return True
+        total = seq.num_tokens + n
+        return (seq.num_output_tokens + n >= params.max_tokens or total >= self.config.max_model_len
+                or total > self.kv_capacity)
+
     def check_invariants(self) -> None:
         """Raise AssertionError if queues, statuses and blocks disagree (for tests)."""
         self.block_manager.check_invariants(self.running)
