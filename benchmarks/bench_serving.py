@@ -29,12 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="model name (default: the server's first)")
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--logprobs", action="store_true", help="time every token via logprobs")
+    ap.add_argument("--unique-images", action="store_true", help="a distinct copy of --image per request (cold caches)")
     args = ap.parse_args(argv)
     try:
         run_bench(args.url, [int(c) for c in args.concurrency.split(",") if c.strip()], args.prompt_len,
                   args.gen_len, args.image, args.json, num_requests=args.num_requests,
                   max_seconds=args.max_seconds, model=args.model, api_key=args.api_key,
-                  logprobs=args.logprobs)
+                  logprobs=args.logprobs, unique_images=args.unique_images)
     except (UserError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,15 @@ from autoglm_trt.config import CacheConfig, ModelConfig, SchedulerConfig
 GRAPH_RESERVE_BYTES = 768 << 20  # CUDA-graph pools and allocator slack, measured well under this on H100
 
 
+def graph_output_bytes(batch_sizes: list[int], vocab: int, multi_step: bool) -> int:
+    """What decode graphs keep beyond the reserve: each bucket's float32 logits stay allocated in the
+    shared pool, and multi-step decode adds per-row token counts [max batch, vocab] float32."""
+    if not batch_sizes:
+        return 0
+    rows = sum(batch_sizes) + (max(batch_sizes) if multi_step else 0)
+    return rows * vocab * 4
+
+
 @dataclass
 class KVCacheSpec:
     num_layers: int
@@ -34,11 +43,14 @@ def cpu_num_blocks(spec: KVCacheSpec, sched: SchedulerConfig, limit_bytes: int =
     return max(1, min(want, limit_bytes // spec.bytes_per_block))
 
 
-def gpu_num_blocks(spec: KVCacheSpec, cache: CacheConfig, device: torch.device, peak_bytes: int) -> int:
-    """Blocks that fit in gpu_memory_utilization of the card after `peak_bytes` (weights + activations)."""
+def gpu_num_blocks(spec: KVCacheSpec, cache: CacheConfig, device: torch.device, peak_bytes: int,
+                   graph_bytes: int = 0) -> int:
+    """Blocks that fit in gpu_memory_utilization of the card after `peak_bytes` (weights + activations)
+    and `graph_bytes` (graph_output_bytes)."""
     free, total = torch.cuda.mem_get_info(device)
     used_by_others = total - free - torch.cuda.memory_reserved(device)
-    budget = total * cache.gpu_memory_utilization - used_by_others - peak_bytes - GRAPH_RESERVE_BYTES
+    budget = (total * cache.gpu_memory_utilization - used_by_others - peak_bytes - GRAPH_RESERVE_BYTES
+              - graph_bytes)
     blocks = int(budget // spec.bytes_per_block)
     if blocks < 1:
         raise RuntimeError(

@@ -61,7 +61,12 @@ class ModelRunner:
         if self.device.type != "cuda":
             return kvc.cpu_num_blocks(self.spec, self.cfg.scheduler)
         peak = self._profile_peak_bytes()
-        return kvc.gpu_num_blocks(self.spec, self.cfg.cache, self.device, peak)
+        graphs = 0 if self.cfg.enforce_eager else kvc.graph_output_bytes(
+            self._graph_sizes(), self.model_cfg.text.vocab_size, self.cfg.num_decode_steps > 1)
+        return kvc.gpu_num_blocks(self.spec, self.cfg.cache, self.device, peak, graphs)
+
+    def _graph_sizes(self) -> list[int]:
+        return [b for b in self.cfg.cuda_graph_batch_sizes if b <= self.cfg.scheduler.max_num_seqs] or [1]
 
     @torch.inference_mode()
     def _profile_peak_bytes(self) -> int:
@@ -81,9 +86,9 @@ class ModelRunner:
         from autoglm_trt.engine.cuda_graph import DecodeGraphs
 
         t0 = time.perf_counter()
-        sizes = [b for b in self.cfg.cuda_graph_batch_sizes if b <= self.cfg.scheduler.max_num_seqs]
+        sizes = self._graph_sizes()
         max_blocks = -(-self.cfg.scheduler.max_model_len // self.block_size)
-        self.graphs = DecodeGraphs(self.model, self.kv_caches, sizes or [1], max_blocks, self.device,
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, sizes, max_blocks, self.device,
                                    max_steps=self.cfg.num_decode_steps)
         self.graphs.capture()
         log(f"captured {len(self.graphs.graphs)} CUDA graphs (batch {sizes}) in {time.perf_counter() - t0:.1f} s")

@@ -119,10 +119,14 @@ class AsyncEngineClient:
         self._started.set()
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread, then the engine itself (its tensor-parallel workers, if any)."""
         if self._thread is not None:
             self._commands.put(_STOP)
             self._started.set()  # NOTE: a thread still loading exits after load() returns
             self._thread.join(timeout)
+        stop = getattr(self.engine, "shutdown", None)
+        if stop is not None:
+            stop()
 
     def stats(self) -> Any:
         return self._stats

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import random
 import time
@@ -121,6 +122,8 @@ class BenchTarget:
     image_url: str | None  # data: URL of --image
     logprobs: bool = False  # ask for logprobs: every token then arrives visibly, even one with no text
     timeout_s: float = 600.0
+    image_variants: list[str] = field(default_factory=list)  # --unique-images: one data: URL per request
+    used: int = 0  # variants handed out so far
 
     @property
     def headers(self) -> dict:
@@ -128,8 +131,11 @@ class BenchTarget:
 
     def payload(self, prompt: str, max_tokens: int, stream: bool = True) -> dict:
         content: Any = prompt
-        if self.image_url:
-            content = [{"type": "image_url", "image_url": {"url": self.image_url}},
+        url = self.image_url
+        if self.image_variants:
+            url, self.used = self.image_variants[self.used % len(self.image_variants)], self.used + 1
+        if url:
+            content = [{"type": "image_url", "image_url": {"url": url}},
                        {"type": "text", "text": prompt}]
         body = {"model": self.model, "messages": [{"role": "user", "content": content}],
                 "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": stream}
@@ -224,6 +230,23 @@ def image_data_url(path: Path) -> str:
     return f"data:image/{mime};base64,{base64.b64encode(data).decode()}"
 
 
+def image_variants(path: Path, count: int) -> list[str]:
+    """`count` copies of the image as PNG data: URLs, each with its own top-left pixels, so that no
+    request hits the server's image or prefix caches (cold TTFT for every screenshot)."""
+    from PIL import Image
+
+    base = Image.open(path).convert("RGB")
+    urls = []
+    for i in range(count):
+        img = base.copy()
+        for x in range(4):
+            img.putpixel((x, 0), ((i >> (8 * x)) & 255, (i * 7 + x) & 255, 255 - x))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", compress_level=1)
+        urls.append(f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}")
+    return urls
+
+
 def normalize_url(url: str) -> str:
     url = url.rstrip("/")
     if not url.startswith(("http://", "https://")):
@@ -244,7 +267,7 @@ async def _resolve_model(client: httpx.AsyncClient, base_url: str, headers: dict
 async def bench(url: str, concurrencies: list[int], prompt_len: int, gen_len: int,
                 image: Path | None = None, num_requests: int | None = None, max_seconds: float = 120.0,
                 model: str | None = None, api_key: str | None = None, seed: int = 0,
-                logprobs: bool = False) -> dict:
+                logprobs: bool = False, unique_images: bool = False) -> dict:
     """Run every level; the JSON-able report (levels in the order given)."""
     base = normalize_url(url)
     limits = httpx.Limits(max_connections=max(concurrencies) + 4, max_keepalive_connections=max(concurrencies) + 4)
@@ -252,10 +275,13 @@ async def bench(url: str, concurrencies: list[int], prompt_len: int, gen_len: in
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         model = model or await _resolve_model(client, base, headers)
         target = BenchTarget(base, model, api_key, gen_len, image_data_url(image) if image else None, logprobs)
+        sizes = [num_requests if num_requests is not None else max(4 * c, 16) for c in concurrencies]
+        if image is not None and unique_images:  # two calibration requests, then every level's
+            target.image_variants = image_variants(image, 2 + sum(sizes))
         words = await calibrate(client, target, prompt_len)
         levels = []
         for k, c in enumerate(concurrencies):
-            n = num_requests if num_requests is not None else max(4 * c, 16)
+            n = sizes[k]
             levels.append(await run_level(client, target, c, n, max_seconds, words, seed + 1_000_000 * (k + 1)))
     return {"url": base, "model": model, "prompt_len": prompt_len, "gen_len": gen_len,
             "image": str(image) if image else None, "words_per_prompt": words,

@@ -95,6 +95,8 @@ def bench_cmd(
     api_key: Optional[str] = typer.Option(None, envvar="AUTOGLM_API_KEY"),
     logprobs: bool = typer.Option(False, help="time every token via logprobs: use it with random-weight checkpoints, whose "
                                   "tokens mostly decode to no text"),
+    unique_images: bool = typer.Option(False, help="send every request its own copy of --image (a few pixels "
+                                       "differ), so no request hits the image or prefix caches"),
 ) -> None:
     """Load-test a running server over the OpenAI streaming API: TTFT, ITL, requests/s, tokens/s."""
     from autoglm_trt.serve.bench import run_bench
@@ -104,4 +106,5 @@ def bench_cmd(
     except ValueError:
         raise UserError(f"--concurrency must be comma-separated integers, got {concurrency!r}") from None
     run_bench(url, levels, prompt_len, gen_len, image, json_out, num_requests=num_requests,
-              max_seconds=max_seconds, model=model, api_key=api_key, logprobs=logprobs)
+              max_seconds=max_seconds, model=model, api_key=api_key, logprobs=logprobs,
+              unique_images=unique_images)

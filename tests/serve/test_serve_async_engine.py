@@ -168,3 +168,16 @@ def test_metrics_recorded():
     assert 'autoglm:prompt_tokens_total{model_name="m"} 7.0' in text
     assert 'autoglm:inter_token_latency_seconds_count{model_name="m"} 5.0' in text
     assert 'autoglm:request_success_total{finished_reason="length",model_name="m"} 1.0' in text
+
+
+def test_shutdown_stops_the_engine_too():
+    """At TP > 1 the engine owns worker processes: the client's shutdown must reach engine.shutdown()."""
+    engine = FakeEngine(script="ab")
+    calls = []
+    engine.shutdown = lambda: calls.append(threading.current_thread().name)
+
+    async def body(client):
+        return await collect(client, (await client.add_requests([("r", prompt(), SamplingParams(max_tokens=2))]))[0])
+
+    outs = run(body, engine)
+    assert outs and len(calls) == 1

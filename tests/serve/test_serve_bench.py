@@ -54,3 +54,24 @@ def test_bench_run_over_loopback(tmp_path, capsys):
         assert lv["output_tokens_per_s"] > 0 and lv["ttft_p50_ms"] > 0 and lv["itl_p99_ms"] >= lv["itl_p50_ms"]
         assert abs(lv["mean_prompt_tokens"] - 60) <= 12  # calibrated (char tokenizer: ~6 tokens a word)
     assert "TTFT p50 ms" in capsys.readouterr().out
+
+
+def test_unique_images_differ_and_decode(tmp_path):
+    import base64
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    from autoglm_trt.serve.bench import BenchTarget, image_variants
+
+    src = tmp_path / "shot.png"
+    Image.new("RGB", (64, 128), (200, 10, 10)).save(src)
+    urls = image_variants(src, 300)
+    raw = [base64.b64decode(u.split(",", 1)[1]) for u in urls]
+    assert len({hashlib.sha256(r).hexdigest() for r in raw}) == 300
+    img = Image.open(io.BytesIO(raw[299]))
+    assert img.size == (64, 128) and img.getpixel((10, 10)) == (200, 10, 10)
+    target = BenchTarget("http://x", "m", None, 4, None, image_variants=urls[:3])
+    sent = [target.payload("hi", 4)["messages"][0]["content"][0]["image_url"]["url"] for _ in range(3)]
+    assert sent == urls[:3]
