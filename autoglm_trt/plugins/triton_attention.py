@@ -23,8 +23,11 @@ from torch import Tensor
 # NOTE: key tokens per decode tile. [64, 128] bf16 = 16 KB each for K and V per stage; float32
 # (tests only) halves the tile to stay inside shared memory.
 _DECODE_BLOCK_N = {2: 64, 4: 32}
-_MIN_SPLIT_TOKENS = 128  # never split a sequence's keys finer than this (reduce cost, empty splits)
+_MIN_SPLIT_TOKENS = 128  # never split a sequence's keys finer than this (merge cost, empty splits)
 _MAX_SPLITS = 64
+_MERGE_FAN = 8  # splits merged per program at each of the two merge levels (<= FAN**2 splits)
+_MIN_COUNTERS = 4096  # arrival counters allocated at least (16 KB), so warm-ups rarely regrow
+_COUNTERS: dict[torch.device, list[Tensor]] = {}  # per device; the last one is in use
 _LOG2E = 1.4426950408889634
 
 
@@ -110,26 +113,113 @@ def _attn_tile(
     return acc, l_i, m_new
 
 
+# NOTE: memory ordering of "last program reduces" (no spinning; both merge levels alike), the
+# pattern of CUTLASS's split-K semaphore:
+#  1. the writer's threads store the partial (weak st.global; one writer per address per launch);
+#  2. tl.debug_barrier() (bar.sync) orders every thread's stores before step 3 within the CTA;
+#  3. one thread's atom.acq_rel.gpu add is a gpu-scope release; releases are cumulative, so it
+#     publishes all stores ordered before it, other threads' included (ptxas: MEMBAR.GPU + ATOMG);
+#  4. the arrival reading old == target - 1 is last in the counter's modification order, and as an
+#     acquire RMW it synchronises with every earlier (release) arrival; Triton broadcasts the
+#     scalar result through shared memory behind a bar.sync, so all merge loads follow the acquire;
+#  5. those loads are .cg (LDG.STRONG.GPU: served by L2, never by this SM's non-coherent L1);
+#  6. the last arrival resets the counter; no program of the launch touches it again, and the next
+#     launch on the stream (next layer, next graph replay) starts after this one ends. Counters are
+#     shared per device, so concurrent launches on two streams of one device would race.
+# Only splits holding keys take part (target = their count, equal in all programs since they read
+# the same seq_len), so empty splits return without a store or an atomic.
+
+
+@triton.jit
+def _arrive(cnt_ptr, target):
+    """Count this program in at cnt_ptr; True for the target-th (last) arrival, which resets it."""
+    tl.debug_barrier()  # all threads' partial stores are issued before the release below
+    old = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    last = old == target - 1
+    if last:
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+    return last
+
+
+@triton.jit
+def _store_partial(part_o_ptr, part_lse_ptr, rows, o, lse, g_mask, offs_d, BLOCK_D: tl.constexpr):
+    """rows [G]: partial rows of the group's heads; o [G, BLOCK_D] normalised, lse [G] log2."""
+    tl.store(part_o_ptr + rows[:, None] * BLOCK_D + offs_d[None, :], o, mask=g_mask[:, None])
+    tl.store(part_lse_ptr + rows, lse, mask=g_mask)
+
+
+@triton.jit
+def _merge(
+    part_o_ptr, part_lse_ptr, rows0, first, stride, count, offs_g, offs_d,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, FAN: tl.constexpr,
+):
+    """Merge `count` (<= FAN) partials at slots first + i * stride by their log2-sum-exp."""
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for i in tl.static_range(FAN):  # NOTE: unrolled, so all the loads can be in flight at once
+        live = offs_g < tl.where(i < count, GROUP, 0)  # [G]
+        rows = rows0 + (first + i * stride) * GROUP  # [G]
+        lse = tl.load(part_lse_ptr + rows, mask=live, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(part_o_ptr + rows[:, None] * BLOCK_D + offs_d[None, :], mask=live[:, None],
+                    other=0.0, cache_modifier=".cg")  # [G, D]
+        m_new = tl.maximum(m, lse)  # [G]
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha, w = tl.exp2(m - m_safe), tl.exp2(lse - m_safe)  # [G]; missing partials weigh 0
+        acc = acc * alpha[:, None] + o * w[:, None]
+        l_sum = l_sum * alpha + w
+        m = m_new
+    l_safe = tl.where(l_sum == 0.0, 1.0, l_sum)
+    return acc / l_safe[:, None], tl.where(l_sum == 0.0, float("-inf"), m + tl.log2(l_safe))
+
+
+@triton.jit
+def _finish_split(
+    o, lse, out_ptrs, out_mask, part_o_ptr, part_lse_ptr, cnt_row, rows0, split, n_used, offs_g,
+    offs_d, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, FAN: tl.constexpr,
+):
+    """Two-level "last program reduces": the last of each chunk of FAN used splits merges the
+    chunk into the chunk's first slot, the last chunk to finish merges the chunks into out."""
+    g_mask = offs_g < GROUP
+    chunk, n_chunks = split // FAN, tl.cdiv(n_used, FAN)
+    in_chunk = tl.minimum(FAN, n_used - chunk * FAN)
+    _store_partial(part_o_ptr, part_lse_ptr, rows0 + split * GROUP, o, lse, g_mask, offs_d, BLOCK_D)
+    if _arrive(cnt_row + 1 + chunk, in_chunk):
+        o_c, lse_c = _merge(part_o_ptr, part_lse_ptr, rows0, chunk * FAN, 1, in_chunk, offs_g,
+                            offs_d, GROUP=GROUP, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, FAN=FAN)
+        if n_chunks == 1:
+            tl.store(out_ptrs, o_c.to(out_ptrs.dtype.element_ty), mask=out_mask)
+        else:
+            rows_c = rows0 + chunk * FAN * GROUP  # [G]
+            _store_partial(part_o_ptr, part_lse_ptr, rows_c, o_c, lse_c, g_mask, offs_d, BLOCK_D)
+            if _arrive(cnt_row, n_chunks):
+                o_t, _ = _merge(part_o_ptr, part_lse_ptr, rows0, 0, FAN, n_chunks, offs_g, offs_d,
+                                GROUP=GROUP, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, FAN=FAN)
+                tl.store(out_ptrs, o_t.to(out_ptrs.dtype.element_ty), mask=out_mask)
+
+
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, seq_lens_ptr, bt_ptr, qk_scale,
-    num_splits, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-    stride_vh, stride_bt, stride_ob, stride_oh,
+    q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cnt_ptr, seq_lens_ptr, bt_ptr,
+    qk_scale, num_splits, cnt_stride, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, FAN: tl.constexpr, DIRECT: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """Program (b, kv_head, split): the GROUP query heads of one kv head over one key range."""
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N  # tile-aligned share
+    n_used = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # splits holding keys; 0 if seq_len 0
     lo = split * split_len
     hi = tl.minimum(lo + split_len, seq_len)
     offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     g_mask, d_mask = offs_g < GROUP, offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g  # [BLOCK_G]
-    q_mask = g_mask[:, None] & d_mask[None, :]
+    live = offs_g < tl.where(lo < hi, GROUP, 0)  # [BLOCK_G]; an empty split loads no q
     q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)  # [G, D]; padded group rows are zeros
+    q = tl.load(q_ptrs, mask=live[:, None] & d_mask[None, :], other=0.0)  # [G, D]; pad rows 0
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -141,37 +231,21 @@ def _decode_split_kernel(
             acc, l_i, m_i, q, qk_scale, k_base, v_base, bt_row, start, hi, offs_g, offs_n, offs_d,
             d_mask, stride_kb, stride_ks, stride_vb, stride_vs, PAGE=PAGE, CAUSAL=False, IEEE=IEEE,
         )
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # empty split / seq_len 0 -> zeros, lse -inf
-    o = acc / l_safe[:, None]
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # seq_len 0 -> zeros
+    o = acc / l_safe[:, None]  # [G, D] normalised
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))  # [G] log2-sum-exp
+    out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    out_mask = g_mask[:, None] & d_mask[None, :]
     if DIRECT:
-        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=q_mask)
-    else:
-        row = (b * GROUP * tl.num_programs(1) + heads) * num_splits + split  # [B, H, S] index
-        tl.store(part_o_ptr + row[:, None] * BLOCK_D + offs_d[None, :], o, mask=g_mask[:, None])
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
-        tl.store(part_lse_ptr + row, lse, mask=g_mask)
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    part_o_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Program (b, h): merge the splits' normalised partials by their log2-sum-exp weights."""
-    b, h = tl.program_id(0), tl.program_id(1)
-    row0 = (b * tl.num_programs(1) + h) * num_splits
-    offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
-    lse = tl.load(part_lse_ptr + row0 + offs_s, mask=s_mask, other=float("-inf"))  # [S]
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # [S]; empty splits weigh 0
-    o = tl.load(part_o_ptr + (row0 + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
-                mask=s_mask[:, None], other=0.0)  # [S, D]
-    total = tl.sum(w, 0)
-    o = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)  # [D]
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+    elif n_used <= 1:  # all keys (or none: seq_len 0 -> zeros) in split 0: nothing to merge
+        if split == 0:
+            tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+    elif split < n_used:
+        row = b * tl.num_programs(1) + kvh  # partial rows of (b, kvh): [S, GROUP] from rows0
+        _finish_split(o, lse, out_ptrs, out_mask, part_o_ptr, part_lse_ptr,
+                      cnt_ptr + row * cnt_stride, row * num_splits * GROUP + offs_g, split, n_used,
+                      offs_g, offs_d, GROUP=GROUP, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, FAN=FAN)
 
 
 def _decode_warps(elem_bytes: int) -> int:
@@ -179,13 +253,7 @@ def _decode_warps(elem_bytes: int) -> int:
     return 4 if elem_bytes == 2 else 8
 
 
-def _reduce_warps(num_splits: int, block_d: int) -> int:
-    """About 32 float32 partial elements per thread ([64, 128] fp32 on 2 warps needed 149 regs)."""
-    elems = triton.next_power_of_2(num_splits) * block_d
-    return max(1, min(8, elems // 1024))
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -203,11 +271,25 @@ def choose_num_splits(batch: int, kv_heads: int, max_context: int, device: torch
     return max(1, min(want, cap, _MAX_SPLITS))
 
 
+def _arrival_counters(device: torch.device, n: int) -> Tensor:
+    """>= n zeroed int32 counters on `device`. Each launch leaves its counters at 0, so one buffer
+    serves all layers, calls and replays with no zeroing launch. NOTE: outgrown buffers stay alive
+    (captured graphs keep their address); growing zeroes eagerly, so it is refused mid-capture."""
+    bufs = _COUNTERS.setdefault(device, [])
+    if bufs and bufs[-1].numel() >= n:
+        return bufs[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"decode_attention needs {n} arrival counters on {device}: call it once "
+                           "at this batch size outside CUDA-graph capture (a warm-up) first")
+    bufs.append(torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
 def decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, block_tables: Tensor,
     scale: float, *, num_splits: int | None = None, out: Tensor | None = None,
 ) -> Tensor:
-    """Flash-decoding over the paged cache: q `[B, H, D]` -> `[B, H, D]` (split-K + reduce).
+    """Flash-decoding over the paged cache in one launch: q `[B, H, D]` -> `[B, H, D]`.
 
     `num_splits` overrides the heuristic (tests); `out` is an optional preallocated result.
     """
@@ -220,25 +302,24 @@ def decode_attention(
     q = _last_contiguous(q)
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, block_tables.shape[1] * page, q.device)
+    if not 1 <= num_splits <= _MERGE_FAN ** 2:
+        raise ValueError(f"num_splits must be in [1, {_MERGE_FAN ** 2}], got {num_splits}")
     block_d = triton.next_power_of_2(head_dim)
     direct = num_splits == 1
-    f32 = torch.float32  # partials: normalised out [B, H, S, BLOCK_D], log2-sum-exp [B, H, S]
-    part_o = q.new_empty((1,) if direct else (batch, num_heads, num_splits, block_d), dtype=f32)
-    part_lse = q.new_empty((1,) if direct else (batch, num_heads, num_splits), dtype=f32)
+    cnt_stride = 1 + triton.cdiv(num_splits, _MERGE_FAN)  # per (b, kv head): [top, chunk 0, ...]
+    # NOTE: the direct path touches no counter; seq_lens (int32) stands in for the pointer.
+    counters = seq_lens if direct else _arrival_counters(q.device, batch * kv_heads * cnt_stride)
+    rows = (batch, kv_heads, num_splits, group)  # partials: out [*rows, BLOCK_D], lse [*rows]
+    part_o = q.new_empty((1,) if direct else (*rows, block_d), dtype=torch.float32)
+    part_lse = q.new_empty((1,) if direct else rows, dtype=torch.float32)
     _decode_split_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_o, part_lse, seq_lens, block_tables, scale * _LOG2E,
-        num_splits, q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        q, k_cache, v_cache, out, part_o, part_lse, counters, seq_lens, block_tables,
+        scale * _LOG2E, num_splits, cnt_stride, q.stride(0), q.stride(1), *k_cache.stride()[:3],
+        *v_cache.stride()[:3], block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, PAGE=page, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=block_d, BLOCK_N=_DECODE_BLOCK_N[q.element_size()], DIRECT=direct,
+        BLOCK_D=block_d, BLOCK_N=_DECODE_BLOCK_N[q.element_size()], FAN=_MERGE_FAN, DIRECT=direct,
         IEEE=q.dtype == torch.float32, num_warps=_decode_warps(q.element_size()), num_stages=2,
     )
-    if not direct:
-        _decode_reduce_kernel[(batch, num_heads)](
-            part_o, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-            num_warps=_reduce_warps(num_splits, block_d),
-        )
     return out
 
 

@@ -24,7 +24,7 @@ from autoglm_trt.plugins import triton_attention as ta
 from autoglm_trt.plugins import triton_norm as tn
 
 TARGET = GPUTarget("cuda", 90, 32)
-NOT_ALIGNED = {"num_splits", "stride_bt"}  # runtime values not multiples of 16 in general
+NOT_ALIGNED = {"num_splits", "cnt_stride", "stride_bt"}  # runtime values, not multiples of 16
 
 
 def _signature(fn, dtype: str, consts: dict, ptr_types: dict) -> tuple[dict, dict]:
@@ -73,15 +73,15 @@ def build(name: str, fn, dtype: str, consts: dict, warps: int, stages: int,
 def variants(quick: bool = False) -> list[dict]:
     """All kernel variants; quick: bf16 only, block sizes 16 and 128 (for the test suite)."""
     rows = []
-    part = {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "seq_lens_ptr": "*i32",
-            "bt_ptr": "*i32", "cu_q_ptr": "*i32"}
+    part = {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "cnt_ptr": "*i32",
+            "seq_lens_ptr": "*i32", "bt_ptr": "*i32", "cu_q_ptr": "*i32"}
     dtypes = (("bf16", 2),) if quick else (("bf16", 2), ("fp16", 2), ("fp32", 4))
     for dtype, esize in dtypes:
         for page in (16, 128) if quick else (16, 32, 64, 128):
             for direct in (False, True):
                 consts = dict(GROUP=16, HEAD_DIM=128, PAGE=page, BLOCK_G=16, BLOCK_D=128,
-                              BLOCK_N=ta._DECODE_BLOCK_N[esize], DIRECT=direct,
-                              IEEE=dtype == "fp32")
+                              BLOCK_N=ta._DECODE_BLOCK_N[esize], FAN=ta._MERGE_FAN,
+                              DIRECT=direct, IEEE=dtype == "fp32")
                 rows.append(build(f"decode-{dtype}-p{page}-direct{int(direct)}",
                                   ta._decode_split_kernel, dtype, consts,
                                   ta._decode_warps(esize), 2, part))
@@ -90,10 +90,6 @@ def variants(quick: bool = False) -> list[dict]:
                           BLOCK_M=block_m, BLOCK_D=128, BLOCK_N=block_n, IEEE=dtype == "fp32")
             rows.append(build(f"prefill-{dtype}-p{page}", ta._prefill_kernel, dtype, consts,
                               warps, stages, part))
-    for splits in (2, 8, 64):
-        consts = dict(HEAD_DIM=128, BLOCK_S=splits, BLOCK_D=128)
-        rows.append(build(f"reduce-s{splits}", ta._decode_reduce_kernel, "bf16", consts,
-                          ta._reduce_warps(splits, 128), 1, part))
     consts = dict(KV_HEADS=2, HEAD_DIM=128, PAGE=16, BLOCK_H=2, BLOCK_D=128)
     rows.append(build("store_kv-bf16", ta._store_kv_kernel, "bf16", consts, 4, 1,
                       {"slot_ptr": "*i64"}))

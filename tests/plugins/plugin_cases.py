@@ -138,6 +138,30 @@ def check_decode(mod, ref, *, device: str, dtype: torch.dtype, seq_lens: list[in
     return rel_err(got, want)
 
 
+def check_decode_repeat(mod, ref, *, device: str, dtype: torch.dtype, seq_lens: list[int],
+                        heads: int, kv_heads: int, head_dim: int, block_size: int,
+                        num_splits: int | None, seed: int) -> float:
+    """Decode twice on the same inputs with another batch shape and split count in between: each
+    result must match the reference and the first bit for bit (the merge order is fixed whichever
+    program merges), and every arrival counter must be back at 0 afterwards."""
+    kw = {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "block_size": block_size,
+          "dtype": dtype, "device": device}
+    batch = make_batch(seq_lens, [1] * len(seq_lens), seed=seed, **kw)
+    other = make_batch(seq_lens[::-1] + [300], [1] * (len(seq_lens) + 1), seed=seed + 1, **kw)
+    want = ref.decode_attention(*batch.decode_args())
+    outs = []
+    for i in range(3):
+        if i == 1:
+            mod.decode_attention(*other.decode_args(), num_splits=9 if num_splits != 9 else 5)
+            continue
+        out = torch.full_like(batch.q, float("nan"))
+        outs.append(mod.decode_attention(*batch.decode_args(), num_splits=num_splits, out=out))
+    counters = getattr(mod, "_COUNTERS", {}).get(batch.q.device, [])
+    if not torch.equal(outs[0], outs[1]) or any(c.any() for c in counters):
+        return math.inf
+    return max(rel_err(o, want) for o in outs)
+
+
 def check_prefill(mod, ref, *, device: str, dtype: torch.dtype, seq_lens: list[int],
                   q_lens: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int,
                   seed: int) -> float:
@@ -183,10 +207,21 @@ def small_cases() -> list[tuple[str, str, dict]]:
         ([150, 3], 12, 4, 24, 16, 2),  # head_dim not a power of two, group 3
         ([200, 1, 129], 32, 2, 128, 128, 5),  # the model's shape: 32 q heads, 2 kv heads, D 128
         ([260, 45], 32, 2, 128, 16, None),  # heuristic split count
+        # NOTE: more used splits than _MERGE_FAN (8) take the two-level in-kernel merge; splits of
+        # BLOCK_N-aligned length past seq_len are empty and must not count towards the merge.
+        # (Used-split counts below are for float32 tiles, BLOCK_N 32.)
+        ([700, 1, 0, 65, 257], 32, 2, 16, 16, 20),  # group 16: 11 used (8 + 3), 9 used (8 + 1)
+        ([1100, 300, 9], 4, 2, 16, 64, 64),  # group 2, page 64: up to 35 used splits (5 chunks)
+        ([2000, 3], 32, 2, 128, 64, 64),  # the model's shape, 63 used splits (8 chunks)
+        ([40, 0, 1], 32, 2, 16, 16, 64),  # short: at most one used split, no merge at all
     ]
     for i, (lens, h, kvh, d, bs, ns) in enumerate(decode_shapes):
         cases.append((f"decode-{i}", "decode", dict(seq_lens=lens, heads=h, kv_heads=kvh,
                       head_dim=d, block_size=bs, num_splits=ns, seed=100 + i)))
+    for i, (lens, ns) in enumerate([([700, 0, 1, 257], 20), ([130, 7], 3)]):
+        cases.append((f"decode_repeat-{i}", "decode_repeat", {
+            "seq_lens": lens, "heads": 8, "kv_heads": 2, "head_dim": 16, "block_size": 16,
+            "num_splits": ns, "seed": 150 + i}))
     prefill_shapes = [  # (seq_lens, q_lens, heads, kv_heads, head_dim, block_size)
         ([37, 80], [37, 80], 4, 2, 16, 16),  # full prefill, ragged
         ([100, 50, 9], [30, 1, 9], 8, 2, 32, 32),  # chunked: query offset seq_len - q_len
@@ -203,5 +238,5 @@ def small_cases() -> list[tuple[str, str, dict]]:
     return cases
 
 
-CHECKS = {"store_kv": check_store_kv, "decode": check_decode, "prefill": check_prefill,
-          "norms": check_norms}
+CHECKS = {"store_kv": check_store_kv, "decode": check_decode,
+          "decode_repeat": check_decode_repeat, "prefill": check_prefill, "norms": check_norms}

@@ -28,7 +28,7 @@ def test_kernels_compile_for_sm90_without_spills() -> None:
                           capture_output=True, text=True, timeout=550)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) >= 18, proc.stdout
+    assert len(rows) >= 15, proc.stdout
     failed = [r for r in rows if not r["ok"] or r["stack"] != 0]
     assert not failed, "\n".join(json.dumps(r) for r in failed)
     assert all(r["mma"] == "wgmma" for r in rows if r["name"].startswith("prefill"))

@@ -8,7 +8,8 @@ import torch
 import autoglm_trt.plugins as plugins
 from autoglm_trt.plugins import reference
 from plugin_cases import (
-    CHECKS, check_decode, check_norms, check_prefill, make_batch, rel_err, small_cases,
+    CHECKS, check_decode, check_decode_repeat, check_norms, check_prefill, make_batch, rel_err,
+    small_cases,
 )
 
 pytestmark = [
@@ -105,6 +106,68 @@ def test_decode_cuda_graph_replay(kernels) -> None:
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, reference.decode_attention(*args)) <= TOL[torch.bfloat16]
+
+
+LONG_LENS = [0, 1, 63, 64, 65, 700, 4000, 8191]  # empty, one split, chunk edges, 8 chunks
+
+
+@pytest.mark.parametrize("group", [16, 2])
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("num_splits", [64, 20, 9])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_in_kernel_merge(kernels, group, block_size, num_splits, dtype) -> None:
+    """Many splits, most of them empty for the short sequences; > 8 used splits take both levels
+    of the in-kernel merge."""
+    shape = MODEL if group == 16 else {"heads": 4, "kv_heads": 2, "head_dim": 128}
+    err = check_decode(kernels[0], reference, device="cuda", dtype=dtype, seq_lens=LONG_LENS,
+                       block_size=block_size, num_splits=num_splits, seed=group + num_splits,
+                       **shape)
+    assert err <= TOL[dtype]
+
+
+@pytest.mark.parametrize("num_splits", [64, 20, None])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_repeat_resets_counters(kernels, num_splits, dtype) -> None:
+    err = check_decode_repeat(kernels[0], reference, device="cuda", dtype=dtype,
+                              seq_lens=[4000, 0, 1, 900, 129], block_size=64,
+                              num_splits=num_splits, seed=7, **MODEL)
+    assert err <= TOL[dtype]
+
+
+def test_decode_merge_is_deterministic(kernels) -> None:
+    """64 x 2 x 64 programs finishing in varying orders: every call is bit-identical (the merge
+    reads the slots in a fixed order whichever program merges) and leaves the counters at 0."""
+    gen = torch.Generator().manual_seed(3)
+    lens = torch.randint(0, 3000, (64,), generator=gen).tolist()
+    batch = make_batch(lens, [1] * 64, block_size=16, dtype=torch.bfloat16, device="cuda", **MODEL)
+    first = kernels[0].decode_attention(*batch.decode_args(), num_splits=64)
+    for _ in range(20):
+        assert torch.equal(kernels[0].decode_attention(*batch.decode_args(), num_splits=64), first)
+    assert not any(c.any() for c in kernels[0]._COUNTERS[batch.q.device])
+    assert rel_err(first, reference.decode_attention(*batch.decode_args())) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("num_splits", [64, 20])
+def test_decode_in_kernel_merge_cuda_graph(kernels, num_splits) -> None:
+    """One launch per call inside a graph: replays with new seq_lens (more or fewer used splits,
+    so other counters and other merging programs), with an eager call in between that shares the
+    counters, all match the reference and leave the counters at 0."""
+    batch = make_batch([8191, 3000, 1, 300], [1] * 4, block_size=64, dtype=torch.bfloat16,
+                       device="cuda", **MODEL)
+    args = batch.decode_args()
+    kernels[0].decode_attention(*args, num_splits=num_splits)  # compile + counters, no capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernels[0].decode_attention(*args, num_splits=num_splits)
+    for lens in ([65, 3008, 0, 320], [8191, 1, 64, 1], [4000, 3000, 1, 300]):  # within tables
+        batch.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        batch.q.normal_()
+        graph.replay()
+        eager = kernels[0].decode_attention(*args, num_splits=num_splits)
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+        assert rel_err(out, reference.decode_attention(*args)) <= TOL[torch.bfloat16]
+    assert not any(c.any() for c in kernels[0]._COUNTERS[batch.q.device])
 
 
 def test_dispatch_uses_triton_on_cuda(monkeypatch) -> None:
