@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install install-gpu demo test test-gpu regress clean
+.PHONY: install install-gpu demo test test-gpu regress regress-update clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra
+
+# Engine regression: tiny engines in every mode (fp32, int8-wo, w8a8, tp 2 over gloo) against the goldens in
+# autoglm_trt/regress/goldens/. regress-update rewrites them (on purpose: review the diff, then commit it).
+regress: $(VENV)/.installed
+	$(PY) -m autoglm_trt.regress
+
+regress-update: $(VENV)/.installed
+	$(PY) -m autoglm_trt.regress --update
 
 test-gpu:
 	$(PYTHON) -m pytest -q -ra -m "gpu or multi_gpu"
