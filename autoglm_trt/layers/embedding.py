@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoglm_trt import plugins
 from autoglm_trt.layers.parallel import all_gather_last_dim, all_reduce, get_tp_rank, get_tp_size
 
 
@@ -39,7 +40,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """logits = h W^T over the vocabulary; shards are gathered so every rank sees full logits."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, dim] -> [B, vocab]
-        logits = F.linear(h, self.weight)
+        logits = plugins.linear(h, self.weight)
         if get_tp_size() > 1:
             logits = all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

@@ -8,9 +8,9 @@ layers split the input dim and all-reduce their output.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from autoglm_trt import plugins
 from autoglm_trt.layers.parallel import all_reduce, get_tp_rank, get_tp_size
 
 
@@ -54,7 +54,7 @@ class LinearBase(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
             return self.quant_method.apply(self, x)
-        return F.linear(x, self.weight, self.bias)
+        return plugins.linear(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -126,6 +126,6 @@ class RowParallelLinear(LinearBase):
         if self.quant_method is not None:
             y = self.quant_method.apply(self, x)
         else:
-            y = F.linear(x, self.weight)
+            y = plugins.linear(x, self.weight)
         y = all_reduce(y)
         return y if self.bias is None else y + self.bias

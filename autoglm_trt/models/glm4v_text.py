@@ -7,7 +7,6 @@ are packed into `qkv_proj`; `packed_modules` tells the loader where the separate
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from autoglm_trt import plugins
@@ -36,7 +35,7 @@ class Glm4vTextAttention(nn.Module):
         ctx = get_context()
         if ctx is not None:  # engine path: one fused launch adds the bias, rotates q/k, stores k/v
             plain = self.qkv_proj.quant_method is None
-            qkv = F.linear(x, self.qkv_proj.weight) if plain else self.qkv_proj(x)  # [T, (H + 2 kvH) * D]
+            qkv = plugins.linear(x, self.qkv_proj.weight) if plain else self.qkv_proj(x)  # [T, (H + 2 kvH) * D]
             k_cache, v_cache = ctx.kv_caches[self.attn.layer_idx]
             q = plugins.rope_qkv_store(qkv, cos, sin, k_cache, v_cache, ctx.slot_mapping, self.num_heads,
                                        self.num_kv_heads, self.head_dim,

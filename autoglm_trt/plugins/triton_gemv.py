@@ -87,7 +87,7 @@ class GemvConfig:
 
 
 # Winners of `python benchmarks/bench_gemv.py` per (kind, BLOCK_M, N, K, silu_mul), kind = weight_kind(W
-# dtype); empty until the H100 sweep: gemv_config falls back to _rule.
+# dtype), where they differ from _rule (which already holds the H100 sweep's M = 1 winners).
 TABLE: dict[tuple[str, int, int, int, bool], GemvConfig] = {}
 
 
@@ -104,9 +104,12 @@ def _vec(kind: str) -> int:
 
 
 def _rule(m: int, kind: str) -> GemvConfig:
-    """Before the sweep. M <= 2: 4 channels, the 4 warps side by side along K (x, and silu, shared by the
-    channels of a thread); larger M: 4 channels, one warp each (fewer x registers per row)."""
+    """M <= 2, 16-bit or int8 W: the H100 sweep's winners (2 or 4 channels, 4 warps side by side along K);
+    otherwise 4 channels, the warps along K for M <= 2 (x, and silu, shared by the channels of a
+    thread), one warp each for larger M (fewer x registers per row)."""
     v = _vec(kind)
+    if block_m_for(m) <= 2 and kind != "w32":  # the H100 sweep's winners at M = 1 (every decoder shape)
+        return GemvConfig(2, 1024, 4, 1, "vec") if kind == "w16" else GemvConfig(4, 512, 4, 1, "vec")
     return GemvConfig(4, (128 if block_m_for(m) <= 2 else 32) * v, 4, 1, "vec")
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import autoglm_trt.plugins as plugins
@@ -46,3 +47,26 @@ def test_package_imports_and_runs_without_triton() -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_linear_on_cpu_is_f_linear() -> None:
+    x, w, b = torch.randn(1, 64), torch.randn(48, 64), torch.randn(48)
+    assert torch.equal(plugins.linear(x, w, b), torch.nn.functional.linear(x, w, b))
+
+
+@pytest.mark.gpu
+def test_linear_batch1_uses_gemv_on_gpu(monkeypatch) -> None:
+    """One bf16 row goes to the Triton GEMV (within bf16 rounding of cuBLAS); more rows stay cuBLAS."""
+    from autoglm_trt.plugins import triton_gemv
+
+    calls = []
+    real = triton_gemv.gemv
+    monkeypatch.setattr(triton_gemv, "gemv", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    w = torch.randn(4608, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    b = torch.randn(4608, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
+    one = plugins.linear(x[:1], w, b)
+    ref = torch.nn.functional.linear(x[:1].float(), w.float(), b.float())
+    assert calls == [torch.Size([1, 4096])]
+    assert (one.float() - ref).abs().max().item() < 2e-2 * ref.abs().max().item()
+    assert torch.equal(plugins.linear(x, w, b), torch.nn.functional.linear(x, w, b)) and len(calls) == 1
