@@ -77,10 +77,27 @@ class ModelRunner:
         pos = torch.arange(n, device=self.device).expand(3, -1)
         hidden = self.model(self.model.embed(ids), pos)
         self.model.compute_logits(hidden[-self.cfg.scheduler.max_num_seqs:])
+        del hidden
+        self._profile_vision()
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         torch.cuda.empty_cache()
         return peak
+
+    def _profile_vision(self) -> None:
+        """The vision tower on the largest image the processor lets through (its peak joins the
+        profile, so a full-size screenshot can never run out of memory after the KV cache took the rest)."""
+        from autoglm_trt.processing.image_processor import ImageProcessor
+
+        if getattr(self.model, "visual", None) is None:
+            return
+        proc = ImageProcessor.from_dir(self.cfg.model_dir)
+        side = int(proc.max_pixels ** 0.5)
+        h, w = proc.resized_size(side, side)
+        grid = (1, h // proc.patch_size, w // proc.patch_size)
+        width = 3 * proc.temporal_patch_size * proc.patch_size ** 2
+        pixels = torch.zeros(grid[1] * grid[2], width, dtype=self.dtype, device=self.device)
+        self.model.encode_images(pixels, [grid])
 
     def _capture_graphs(self) -> None:
         from autoglm_trt.engine.cuda_graph import DecodeGraphs

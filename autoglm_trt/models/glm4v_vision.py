@@ -61,7 +61,10 @@ class Glm4vVisionAttention(nn.Module):
         k = VisionRotaryEmbedding.apply(k, cos, sin)
         outs = []
         for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths)):  # one image frame each
-            o = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1))
+            # NOTE: 4-D [1, heads, n_i, D]: SDPA's flash/efficient kernels need a batch dim; with 3-D input
+            # it fell back to the math path, materialising [heads, n_i, n_i] scores (8 GiB for a screenshot)
+            qi, ki, vi = (t.transpose(0, 1).unsqueeze(0) for t in (qi, ki, vi))
+            o = F.scaled_dot_product_attention(qi, ki, vi)[0]  # [heads, n_i, D]
             outs.append(o.transpose(0, 1))  # [n_i, heads, D]
         return self.proj(torch.cat(outs).flatten(1))
 
