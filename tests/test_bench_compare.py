@@ -124,9 +124,9 @@ def test_unusable_inputs_exit_2(tmp_path):
 def test_stored_baseline(tmp_path):
     """The example baseline (the H100 decode run of docs/benchmarks.md) against itself and a slower copy."""
     baseline = json.loads((REPO / "benchmarks" / "baselines" / "decode_h100.json").read_text())
-    assert baseline["engine"]["1"]["tok_s_per_seq"] == 132.7
+    assert baseline["engine"]["1"]["tok_s_per_seq"] > 100  # a real decode run's layout and figures
     assert _run(tmp_path, baseline, baseline).returncode == 0
     slower = copy.deepcopy(baseline)
-    slower["engine"]["64"]["tok_s_total"] = 6000.0  # 6,747 in the docs: -11%
+    slower["engine"]["64"]["tok_s_total"] = 0.85 * baseline["engine"]["64"]["tok_s_total"]  # -15%
     proc = _run(tmp_path, slower, baseline)
     assert proc.returncode == 1 and "engine.64.tok_s_total" in proc.stdout
