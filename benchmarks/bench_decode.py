@@ -52,6 +52,11 @@ def gemv_floor(cfg: ModelConfig, batch: int, iters: int = 50) -> float:
 def _time_ms(fn, iters: int) -> float:
     fn()
     torch.cuda.synchronize()
+    return median_event_ms(fn, iters)
+
+
+def median_event_ms(fn, iters: int) -> float:
+    """Median GPU time of fn() over `iters` calls, by CUDA events (shared by the other benchmarks)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(iters):

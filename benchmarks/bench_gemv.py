@@ -21,7 +21,6 @@ import gc
 import json
 import math
 import multiprocessing as mp
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import median_event_ms  # noqa: E402
 
 # name: (N, K, has bias, silu_mul fused); the 9B decoder's linears, TP 1, and the bf16 LM head
 SHAPES = {"qkv": (4608, 4096, True, False), "o": (4096, 4096, False, False), "gate_up": (27392, 4096, False, False),
@@ -68,16 +69,7 @@ def precompile(jobs: list[tuple], workers: int) -> None:
 
 
 # ---- timing --------------------------------------------------------------------------------------------
-def _median_ms(fn, iters: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+_median_ms = median_event_ms
 
 
 def time_call(calls: list, reps: int, iters: int) -> tuple[float, float]:

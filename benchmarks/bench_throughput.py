@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-
-def _prompt(n: int, seed: int):
-    from autoglm_trt.processing.inputs import ProcessedPrompt
-
-    ids = torch.randint(100, 150000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-    return ProcessedPrompt(prompt_token_ids=ids, images=[], mrope_positions=torch.arange(n).expand(3, -1).clone(),
-                           mrope_delta=0, prompt_text=None)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import _prompt  # noqa: E402
 
 
 def run(llm, num_prompts: int, input_len: int, output_len: int, seed: int = 0) -> dict:
