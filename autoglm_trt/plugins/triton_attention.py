@@ -1,4 +1,5 @@
-"""Triton kernels for the paged KV cache: store_kv, decode attention (split-K), varlen prefill.
+"""Triton kernels over the paged KV cache: decode attention (split-K), varlen prefill (store_kv:
+triton_fused, re-exported here).
 
 Layouts (see docs/architecture.md): q `[T, H, D]`, caches `[num_blocks, block_size, kvH, D]`,
 slot = block_id * block_size + offset. Every kernel addresses the cache through its strides, with
@@ -20,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from autoglm_trt.plugins.triton_fused import _last_contiguous, _store_kv_kernel, store_kv  # noqa: F401 (re-exported)
+
 # NOTE: key tokens per decode tile. [64, 128] bf16 = 16 KB each for K and V per stage; float32
 # (tests only) halves the tile to stay inside shared memory.
 _DECODE_BLOCK_N = {2: 64, 4: 32}
@@ -29,52 +32,6 @@ _MERGE_FAN = 8  # splits merged per program at each of the two merge levels (<= 
 _MIN_COUNTERS = 4096  # arrival counters allocated at least (16 KB), so warm-ups rarely regrow
 _COUNTERS: dict[torch.device, list[Tensor]] = {}  # per device; the last one is in use
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _store_kv_kernel(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-    KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    page, off = tl.maximum(slot, 0) // PAGE, tl.maximum(slot, 0) % PAGE
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    heads = tl.where(slot >= 0, KV_HEADS, 0)  # NOTE: not `& (slot >= 0)`: the interpreter
-    mask = (offs_h[:, None] < heads) & (offs_d[None, :] < HEAD_DIM)  # mistypes scalar & tensor
-    k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-    v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-    kc = kc_ptr + page * stride_kcb + off * stride_kcs + offs_h[:, None] * stride_kch
-    vc = vc_ptr + page * stride_vcb + off * stride_vcs + offs_h[:, None] * stride_vch
-    kc, vc = kc + offs_d[None, :], vc + offs_d[None, :]  # [kvH, D] destinations
-    tl.store(kc, k.to(kc_ptr.dtype.element_ty), mask=mask)
-    tl.store(vc, v.to(vc_ptr.dtype.element_ty), mask=mask)
-
-
-def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
-    """Write k/v `[T, kvH, D]` into the caches at `slot_mapping [T]` (-1 = skip).
-
-    NOTE: a kernel rather than `index_copy_`: skipping -1 slots in torch needs a boolean index
-    (a host sync, not capturable in a CUDA graph), and K and V would be two launches. The copy is
-    tiny (T * kvH * D * 2 tensors), so one launch with one program per token is the whole cost.
-    """
-    num_tokens, kv_heads, head_dim = k.shape
-    if num_tokens == 0:
-        return
-    k, v = _last_contiguous(k), _last_contiguous(v)
-    _store_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        KV_HEADS=kv_heads, HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
-        BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=1 if kv_heads * head_dim <= 512 else 4,
-    )
 
 
 @triton.jit
@@ -409,7 +366,3 @@ def paged_attention(
         num_warps=warps, num_stages=stages,
     )
     return out
-
-
-def _last_contiguous(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
