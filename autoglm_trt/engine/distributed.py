@@ -17,21 +17,15 @@ that ParallelLMHead all-gathers. A worker exits when rank 0 says stop or when it
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import pickle
-import time
-import weakref
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from autoglm_trt.config import EngineConfig, ModelConfig
 from autoglm_trt.engine.batch import StepBatch
-from autoglm_trt.errors import UserError
 from autoglm_trt.layers.parallel import set_all_reduce, set_parallel_state
 from autoglm_trt.utils.logging import log
 
@@ -125,12 +119,12 @@ def destroy_distributed(healthy: bool = True) -> None:
         except Exception as exc:  # noqa: BLE001 - a dead peer must not stop the shutdown
             log(f"tensor parallel: custom all-reduce close: {exc}")
     if groups.torch_device.type == "cuda":
-        _abort(groups.device)  # NOTE: a plain destroy can hang on a communicator used in CUDA graphs
+        abort_group(groups.device)  # NOTE: a plain destroy can hang on a communicator used in CUDA graphs
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def _abort(group) -> None:
+def abort_group(group) -> None:
     """Unblock NCCL collectives waiting on a dead peer (best effort; the API moved between releases)."""
     try:
         group._get_backend(torch.device("cuda")).abort()  # NOTE: made to be called from another thread
@@ -192,210 +186,6 @@ def broadcast_rows(x: torch.Tensor | None, rows: int, width: int, dtype: torch.d
         x = torch.empty(rows, width, dtype=dtype, device=_GROUPS.torch_device)
     dist.broadcast(x.contiguous(), src=0, group=_GROUPS.device)
     return x
-
-
-# ---- rank 0: the executor ---------------------------------------------------------------------------
-def check_tp_size(cfg: ModelConfig, tp: int, device: torch.device) -> None:
-    t = cfg.text
-    for name in ("num_attention_heads", "intermediate_size"):
-        if getattr(t, name) % tp:
-            raise UserError(f"tensor_parallel_size {tp} does not divide {name} {getattr(t, name)}")
-    if t.num_key_value_heads % tp and tp % t.num_key_value_heads:
-        raise UserError(f"tensor_parallel_size {tp} and num_key_value_heads {t.num_key_value_heads}: one must "
-                        "divide the other")
-    if device.type == "cuda" and torch.cuda.device_count() < tp:
-        raise UserError(f"tensor_parallel_size {tp} needs {tp} GPUs; {torch.cuda.device_count()} visible")
-
-
-class TPExecutor:
-    """Rank 0's side: starts ranks 1..N-1, joins their group, and wraps the ModelRunner so that every
-    step is broadcast before it runs. `failure` is set (and the engine is stopped) when a rank dies."""
-
-    def __init__(self, config: EngineConfig, device: torch.device, model_cfg: ModelConfig) -> None:
-        from autoglm_trt.engine.worker import spawn_workers
-
-        self.world = config.parallel.tensor_parallel_size
-        self.failure: str | None = None
-        self.runner: TPRunner | None = None
-        self.timeout_s = startup_timeout_s()
-        self._stopped = False
-        check_tp_size(model_cfg, self.world, device)
-        self._threads = torch.get_num_threads()
-        if device.type == "cpu":  # NOTE: the ranks share the cores; oversubscribed threads crawl
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
-        backend = config.parallel.backend
-        if backend == "auto":
-            backend = "nccl" if device.type == "cuda" else "gloo"
-        store = dist.TCPStore("127.0.0.1", 0, self.world, True, timeout=timedelta(seconds=self.timeout_s),
-                              wait_for_workers=False)
-        self.init = DistInit(0, self.world, backend, store.port, device.type, self.timeout_s)
-        self.workers = spawn_workers(config, self.init, self._on_death)
-        _LIVE.add(self)
-        try:
-            self.workers.wait_phase("hello", self.timeout_s)
-            init_distributed(self.init, store)
-            set_step_channel(self.workers.step_conns)
-            self.workers.wait_phase("joined", self.timeout_s)
-        except BaseException as exc:
-            raise self._startup_error(exc) from exc
-        log(f"tensor parallel: {self.world} ranks over {backend} (workers: pids "
-            f"{', '.join(str(p.pid) for p in self.workers.procs.values())})")
-
-    def build_runner(self, model, model_cfg: ModelConfig, config: EngineConfig) -> "TPRunner":
-        """Rank 0's ModelRunner, built in step with the workers' (profiling, KV sizing, graph capture)."""
-        from autoglm_trt.engine.model_runner import ModelRunner
-
-        try:
-            self.workers.wait_phase("loaded", self.timeout_s)
-            runner = ModelRunner(model, model_cfg, config, _GROUPS.torch_device)
-            self.workers.wait_phase("ready", self.timeout_s)
-        except BaseException as exc:
-            raise self._startup_error(exc) from exc
-        self.runner = TPRunner(runner, self)
-        return self.runner
-
-    # ---- steps ---------------------------------------------------------------------------------
-    def execute(self, runner, batch: StepBatch) -> torch.Tensor:
-        """Broadcast the step, run rank 0's shard -> logits [len(batch.logits_indices), vocab]."""
-        embeds = runner._image_embeds(batch)  # [rows, hidden] from rank 0's encoder cache, or None
-        rows = 0 if embeds is None else embeds.shape[0]
-
-        def run() -> torch.Tensor:
-            broadcast_rows(embeds, rows, 0, runner.dtype)
-            return runner.run(batch, image_embeds=embeds)
-
-        return self._broadcast_then(StepMessage(batch, rows), run)
-
-    def execute_multi(self, runner, batch: StepBatch, steps: int, penalties) -> list[list[int]]:
-        """Multi-step greedy decode on every rank (each replays its own graphs; tokens agree because
-        every rank argmaxes the same all-gathered logits) -> tokens [steps][rows], from rank 0."""
-        return self._broadcast_then(StepMessage(batch, 0, steps, penalties),
-                                    lambda: runner.run_multi(batch, steps, penalties))
-
-    def _broadcast_then(self, msg: StepMessage, run):
-        custom = _GROUPS.custom if _GROUPS is not None else None
-        if custom is not None and custom.error_seen() and self.failure is None:
-            self.failure = "a rank did not answer the peer-memory all-reduce for a long time (it hangs)"
-        if self.failure is not None:
-            self.shutdown()
-            raise TensorParallelError(f"tensor-parallel engine is stopped: {self.failure}")
-        try:
-            send_message(msg)
-            out = run()
-            if custom is not None:
-                custom.fetch_error()  # NOTE: read at the next step, after this step's sync
-        except Exception as exc:  # noqa: BLE001 - a collective failed: name the rank that caused it
-            raise self._step_error(exc) from exc
-        if self.failure is not None:  # NOTE: a peer died mid-step; this output is not to be trusted
-            raise self._step_error(None)
-        return out
-
-    def _on_death(self, rank: int) -> None:
-        """Monitor thread: a worker exited while the engine ran."""
-        if self.failure is None:
-            self.failure = self.workers.describe(rank)
-        log(f"tensor parallel: {self.workers.describe(rank)}; the engine is unhealthy and stops")
-        if self.init.backend == "nccl" and _GROUPS is not None:
-            _abort(_GROUPS.device)  # NOTE: rank 0 may be blocked in a collective with the dead rank
-
-    def _settle(self, seconds: float = 3.0) -> list[int]:
-        """Ranks that died, after giving a just-killed process time to be noticed."""
-        deadline = time.monotonic() + seconds
-        while not self.workers.dead() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self.workers.dead()
-
-    def _startup_error(self, exc: BaseException) -> TensorParallelError:
-        if isinstance(exc, TensorParallelError):
-            err = exc
-        else:
-            dead = self._settle()
-            cause = self.workers.describe(dead[0]) if dead else f"rank 0: {type(exc).__name__}: {exc}"
-            err = TensorParallelError(f"tensor-parallel start-up failed: {cause}")
-        self.failure = self.failure or str(err)
-        log(f"{err}; stopping the workers")
-        self.shutdown()
-        return err
-
-    def _step_error(self, exc: BaseException | None) -> TensorParallelError:
-        dead = self._settle(3.0 if exc is not None else 0.0)
-        cause = self.workers.describe(dead[0]) if dead else self.failure or f"{type(exc).__name__}: {exc}"
-        self.failure = self.failure or cause
-        self.shutdown()
-        return TensorParallelError(f"tensor-parallel step failed: {cause}; the engine is stopped (restart it)")
-
-    # ---- shutdown --------------------------------------------------------------------------------
-    @property
-    def healthy(self) -> bool:
-        return self.failure is None and not self._stopped
-
-    def shutdown(self) -> None:
-        """Stop the workers and leave the group; idempotent (also runs at exit)."""
-        if self._stopped:
-            return
-        self._stopped = True
-        _LIVE.discard(self)
-        self.workers.closing = True  # NOTE: from here on, a worker exiting is expected
-        healthy = self.failure is None and not self.workers.dead()
-        if healthy and _GROUPS is not None:
-            try:
-                send_message(StepMessage(None))
-            except Exception:  # noqa: BLE001
-                healthy = False
-        if self.runner is not None:
-            self.runner.runner.graphs = None  # NOTE: graphs hold NCCL work: drop them before the communicator
-        set_step_channel([])
-        destroy_distributed(healthy)
-        self.workers.stop(grace_s=10.0 if healthy else 0.5)  # NOTE: told to stop, or not going to answer
-        torch.set_num_threads(self._threads)
-        self.failure = self.failure or "the engine was shut down"
-
-
-def start_executor(config: EngineConfig, device: torch.device, model_cfg: ModelConfig) -> TPExecutor | None:
-    """The executor that starts the workers, or None when tensor_parallel_size is 1."""
-    if config.parallel.tensor_parallel_size == 1:
-        return None
-    return TPExecutor(config, device, model_cfg)
-
-
-@contextlib.contextmanager
-def shutdown_on_error(executor: TPExecutor | None):
-    """Stop the workers if rank 0's own start-up fails (no orphans, no half-formed group)."""
-    try:
-        yield
-    except BaseException:
-        if executor is not None:
-            executor.shutdown()
-        raise
-
-
-class TPRunner:
-    """Rank 0's runner: the ModelRunner's interface, with run() broadcasting the step first."""
-
-    def __init__(self, runner, executor: TPExecutor) -> None:
-        self.runner, self.executor = runner, executor
-
-    def __getattr__(self, name: str):
-        return getattr(self.__dict__["runner"], name)
-
-    def run(self, batch: StepBatch) -> torch.Tensor:
-        return self.executor.execute(self.runner, batch)
-
-    def run_multi(self, batch: StepBatch, steps: int, penalties) -> list[list[int]]:
-        return self.executor.execute_multi(self.runner, batch, steps, penalties)
-
-    # NOTE: windows are not pipelined across ranks yet (each multi-step window is one broadcast call);
-    # without this the inner runner's launch_multi would run on rank 0 alone.
-    can_pipeline = False
-
-
-_LIVE: weakref.WeakSet = weakref.WeakSet()
-
-
-@atexit.register
-def _shutdown_all() -> None:
-    for executor in list(_LIVE):
-        executor.shutdown()
 
 
 def free_port() -> int:

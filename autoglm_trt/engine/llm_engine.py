@@ -11,7 +11,7 @@ import torch
 from autoglm_trt.config import EngineConfig, ModelConfig
 from autoglm_trt.engine.batch import build_batch
 from autoglm_trt.engine.detokenize import TextState, new_text_state
-from autoglm_trt.engine.distributed import shutdown_on_error, start_executor
+from autoglm_trt.engine.executor import shutdown_on_error, start_executor
 from autoglm_trt.engine.model_runner import ModelRunner
 from autoglm_trt.engine.outputs import EngineStats, RequestOutput
 from autoglm_trt.engine.sampling_params import SamplingParams
@@ -45,7 +45,7 @@ class LLMEngine:
         self.processor = InputProcessor.from_dir(config.model_dir)
         t0 = time.perf_counter()
         torch.manual_seed(config.seed)
-        # -- tensor parallelism (engine/distributed.py): the workers start and the group forms before any
+        # -- tensor parallelism (engine/executor.py): the workers start and the group forms before any
         # -- layer is built (layers shard by the group state); executor.build_runner broadcasts each step
         self.executor = start_executor(config, self.device, self.model_config)  # None at TP 1
         with shutdown_on_error(self.executor):

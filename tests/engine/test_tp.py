@@ -60,7 +60,7 @@ def _wait_gone(pids: list[int], seconds: float = 10.0) -> bool:
 def _no_engine_left():
     """Whatever fails here, no TP engine may outlive this module (later tests run TP=1 engines)."""
     yield
-    from autoglm_trt.engine.distributed import _shutdown_all
+    from autoglm_trt.engine.executor import _shutdown_all
 
     _shutdown_all()
 

@@ -108,7 +108,7 @@ KW = dict(device="cuda", dtype="float32", max_model_len=1024, num_blocks=256, cu
 @pytest.fixture(scope="module", autouse=True)
 def _no_engine_left():
     yield
-    from autoglm_trt.engine.distributed import _shutdown_all
+    from autoglm_trt.engine.executor import _shutdown_all
 
     _shutdown_all()
 
