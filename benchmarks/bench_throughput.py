@@ -22,6 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import _prompt  # noqa: E402
 
 
+def _has_prompt_work(eng) -> bool:
+    """Will the next step compute prompt tokens (an eager mixed step) rather than decode only?"""
+    if eng._window is not None:  # a decode window in flight is read first
+        return False
+    sched = eng.scheduler
+    return bool(sched.waiting) or any(s.num_computed_tokens < s.num_prompt_tokens for s in sched.running)
+
+
 def run(llm, num_prompts: int, input_len: int, output_len: int, seed: int = 0) -> dict:
     from autoglm_trt.engine.sampling_params import SamplingParams
 
@@ -35,10 +43,9 @@ def run(llm, num_prompts: int, input_len: int, output_len: int, seed: int = 0) -
     tokens = 0
     while eng.has_unfinished_requests():
         s0 = time.perf_counter()
-        has_prompt = eng._window is None and bool(eng.scheduler.waiting) or any(
-            s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running)
+        kind = "mixed" if _has_prompt_work(eng) else "decode"
         outs = eng.step()
-        k = kinds["mixed" if has_prompt else "decode"]
+        k = kinds[kind]
         k[0] += 1
         k[1] += time.perf_counter() - s0
         tokens += sum(len(o.new_token_ids) for o in outs)

@@ -50,9 +50,13 @@ def seq_positions(seq: Sequence, start: int, end: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).long()
 
 
+def slot_of(seq: Sequence, index: int, block_size: int) -> int:
+    """Cache slot of token `index` of seq (its block from the block table, then the offset)."""
+    return seq.block_table[index // block_size] * block_size + index % block_size
+
+
 def slots_for(seq: Sequence, start: int, end: int, block_size: int) -> list[int]:
-    table = seq.block_table
-    return [table[i // block_size] * block_size + i % block_size for i in range(start, end)]
+    return [slot_of(seq, i, block_size) for i in range(start, end)]
 
 
 def image_chunks_for(seq: Sequence, start: int, end: int) -> list[ImageChunk]:
@@ -70,7 +74,7 @@ def build_decode_batch(out: SchedulerOutput, block_size: int) -> StepBatch:
     ids = [s.token_ids[-1] for s in seqs]
     idx = [s.num_tokens - 1 for s in seqs]
     pos = torch.tensor([i + s.mrope_delta for i, s in zip(idx, seqs)], dtype=torch.long).expand(3, -1)
-    slots = [s.block_table[i // block_size] * block_size + i % block_size for i, s in zip(idx, seqs)]
+    slots = [slot_of(s, i, block_size) for i, s in zip(idx, seqs)]
     n = len(seqs)
     return StepBatch(ids, pos, slots, list(range(n + 1)), [i + 1 for i in idx], [s.block_table for s in seqs],
                      list(range(n)), [], True)

@@ -176,12 +176,12 @@ class DecodeGraphs:
             else:
                 self.multi[padded].replay()
         self.host_history[:steps, :bs].copy_(self.history[:steps, :bs], non_blocking=True)
-        if self.done is not None:
+        if not self.eager:
             self.done.record()
 
     def collect(self, steps: int, bs: int) -> list[list[int]]:
         """Wait for the last launched window -> its tokens [steps][bs]."""
-        if self.done is not None:
+        if not self.eager:
             self.done.synchronize()
         return self.host_history[:steps, :bs].tolist()
 

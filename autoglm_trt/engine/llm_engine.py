@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from autoglm_trt.config import EngineConfig, ModelConfig
-from autoglm_trt.engine.batch import build_batch
+from autoglm_trt.engine.batch import build_batch, slot_of
 from autoglm_trt.engine.detokenize import TextState, new_text_state
 from autoglm_trt.engine.executor import shutdown_on_error, start_executor
 from autoglm_trt.engine.model_runner import ModelRunner
@@ -156,7 +156,7 @@ class LLMEngine:
             self._window = _Window(SchedulerOutput([ScheduledSeq(s.seq, 1) for s in win.out.scheduled], [], []), nxt)
         return outputs
 
-    def _continue_window(self, win: "_Window", tokens: list[list[int]]) -> int:
+    def _continue_window(self, win: _Window, tokens: list[list[int]]) -> int:
         """Launch the next window (before this one's tokens are applied) -> its steps, 0 if none."""
         seqs = [s.seq for s in win.out.scheduled]
         if not self.runner.can_pipeline or self.scheduler.num_waiting:
@@ -167,9 +167,8 @@ class LLMEngine:
         steps = self._window_steps(seqs, win.steps)
         if steps < 1 or not self._reserve_lookahead(win.out, steps, ahead=win.steps):
             return 0
-        bsz = self.config.cache.block_size
-        idx = [s.num_computed_tokens + win.steps for s in seqs]  # the next window's first input token
-        slots = [s.block_table[i // bsz] * bsz + i % bsz for i, s in zip(idx, seqs)]
+        bsz = self.config.cache.block_size  # NOTE: the next window's first input is token num_computed + steps
+        slots = [slot_of(s, s.num_computed_tokens + win.steps, bsz) for s in seqs]
         self.runner.continue_multi(slots, [s.block_table for s in seqs], steps)
         return steps
 

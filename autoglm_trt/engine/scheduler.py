@@ -221,24 +221,23 @@ class Scheduler:
         return (seq.params.priority, seq.arrival_time, self._arrival_no[seq.request_id])
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        params = seq.params
-        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        if self._is_stop_token(seq.params, token):
             return "stop"
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
-            return "length"
-        if seq.num_tokens > self.kv_capacity:  # the new token's KV would not fit in the whole cache
-            return "length"
-        return None
+        return "length" if self._too_long(seq, seq.num_output_tokens, seq.num_tokens) else None
+
+    def _is_stop_token(self, params, token: int) -> bool:
+        return (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids
+
+    def _too_long(self, seq: Sequence, num_output: int, num_tokens: int) -> bool:
+        # NOTE: past kv_capacity the next token's KV would not fit in the whole cache
+        return (num_output >= seq.params.max_tokens or num_tokens >= self.config.max_model_len
+                or num_tokens > self.kv_capacity)
 
     def stops_within(self, seq: Sequence, tokens: list[int]) -> bool:
         """Would appending `tokens` to seq finish it (stop ids or a length limit)? Changes nothing."""
-        params, n = seq.params, len(tokens)
-        stop_ids = set(params.stop_token_ids) if params.ignore_eos else self.eos_token_ids.union(params.stop_token_ids)
-        if not stop_ids.isdisjoint(tokens):
-            return True
-        total = seq.num_tokens + n
-        return (seq.num_output_tokens + n >= params.max_tokens or total >= self.config.max_model_len
-                or total > self.kv_capacity)
+        n = len(tokens)
+        return (any(self._is_stop_token(seq.params, t) for t in tokens)
+                or self._too_long(seq, seq.num_output_tokens + n, seq.num_tokens + n))
 
     def check_invariants(self) -> None:
         """Raise AssertionError if queues, statuses and blocks disagree (for tests)."""

@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from autoglm_trt.plugins.triton_gemv import gemv
+
 _RNE = tl.constexpr(12582912.0)  # 1.5 * 2**23: (x + c) - c rounds fp32 |x| < 2**22 half-to-even, like torch.round
 
 
@@ -173,8 +175,6 @@ def w8a16_matmul(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None = No
     """x [M, K] (bf16/fp16/fp32) @ dequant(w int8 [N, K], w_scale fp32 [N])^T + bias -> [M, N] in x's dtype."""
     m, n, k = _check(x, w, w_scale)
     if config is None and m == 1 and n * k <= _GEMV_MAX_WEIGHTS and x.stride(1) == 1:
-        from autoglm_trt.plugins.triton_gemv import gemv
-
         return gemv(x, w, w_scale, bias)  # one launch, no split-K reduce: faster on small matrices
     cfg = config or default_config(m, n, k, _sms(x))
     return _launch(x, w, None, w_scale, bias, x.dtype, cfg, int8_act=False)
