@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--num-decode-steps", type=int, default=8)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    ap.add_argument("--graph-sizes", default="", help="decode CUDA-graph batch sizes (default: the engine's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from autoglm_trt.engine.llm import LLM
@@ -75,7 +76,8 @@ def main() -> None:
     for seqs in [int(s) for s in args.max_num_seqs.split(",")]:
         llm = LLM(args.model_dir, dtype="bfloat16", max_model_len=2048, max_num_seqs=seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, num_decode_steps=args.num_decode_steps,
-                  gpu_memory_utilization=args.gpu_memory_utilization)
+                  gpu_memory_utilization=args.gpu_memory_utilization,
+                  cuda_graph_batch_sizes=tuple(int(b) for b in args.graph_sizes.split(",")) if args.graph_sizes else None)
         run(llm, min(64, args.num_prompts), args.input_len, 16, seed=99)  # warm-up: compile, autotune
         r = run(llm, args.num_prompts, args.input_len, args.output_len)
         r["max_num_seqs"], r["kv_tokens"] = seqs, llm.engine.kv_capacity_tokens

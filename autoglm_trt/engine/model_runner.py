@@ -117,7 +117,8 @@ class ModelRunner:
         if not todo:
             return
         images = list(todo.values())
-        pixels = torch.cat([torch.as_tensor(i.pixel_values) for i in images]).to(self.device)
+        exact = self.cfg.image_preprocess_device == "cpu"
+        pixels = torch.cat([i.pixels_on(self.device, self.dtype, exact) for i in images])  # [patches, 1176]
         grids = [tuple(i.grid_thw) for i in images]
         with torch.inference_mode():
             embeds = self.model.encode_images(pixels, grids)  # [sum tokens, hidden]

@@ -25,6 +25,7 @@ class EngineArgs:
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     seed: int = 0
+    image_preprocess_device: str = "auto"
 
 
 @dataclass
@@ -47,7 +48,8 @@ def engine_config(args: EngineArgs) -> Any:
     return engine_config_from_kwargs(args.model_dir, dtype=args.dtype, device=args.device,
                                      enforce_eager=args.enforce_eager, seed=args.seed,
                                      enable_prefix_caching=args.enable_prefix_caching,
-                                     tensor_parallel_size=args.tensor_parallel_size, **kwargs)
+                                     tensor_parallel_size=args.tensor_parallel_size,
+                                     image_preprocess_device=args.image_preprocess_device, **kwargs)
 
 
 def load_engine(args: EngineArgs) -> LoadReport:
