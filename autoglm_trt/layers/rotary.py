@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from autoglm_trt.plugins import reference
+
 
 class MRotaryEmbedding(nn.Module):
     """M-RoPE over the first `rotary_dim` dims of each head, GPT-J style (pairs x[2i], x[2i+1]).
@@ -57,7 +59,4 @@ class VisionRotaryEmbedding(nn.Module):
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [N, heads, head_dim] rotated in float32 (rotate-half layout), returned in x's dtype."""
-        xf = x.float()
-        x1, x2 = xf.chunk(2, dim=-1)
-        rotated = torch.cat((-x2, x1), dim=-1)
-        return (xf * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to(x.dtype)
+        return reference.vision_rotate(x, cos, sin)

@@ -10,9 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from autoglm_trt import plugins
 from autoglm_trt.config import VisionConfig
 from autoglm_trt.layers.norm import RMSNorm
 from autoglm_trt.layers.rotary import VisionRotaryEmbedding
+
+
+# SDPA kernels in order of preference for the tower's long full attention (one screenshot: 12 heads x 12k
+# patches); a backend that cannot take the input passes to the next, the math path stays the last resort.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
 
 
 def vision_position_ids(grid_thw: list[tuple[int, int, int]], merge: int) -> torch.Tensor:
@@ -56,16 +65,17 @@ class Glm4vVisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # [N, heads, D] each
-        q = VisionRotaryEmbedding.apply(q, cos, sin)
-        k = VisionRotaryEmbedding.apply(k, cos, sin)
+        qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)  # [N, 3, heads, D]
+        plugins.vision_rope_(qkv, cos, sin)  # q and k rotated in place (fp32 math, one pass on GPU)
+        q, k, v = qkv.unbind(1)  # [N, heads, D] each
         outs = []
-        for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths)):  # one image frame each
-            # NOTE: 4-D [1, heads, n_i, D]: SDPA's flash/efficient kernels need a batch dim; with 3-D input
-            # it fell back to the math path, materialising [heads, n_i, n_i] scores (8 GiB for a screenshot)
-            qi, ki, vi = (t.transpose(0, 1).unsqueeze(0) for t in (qi, ki, vi))
-            o = F.scaled_dot_product_attention(qi, ki, vi)[0]  # [heads, n_i, D]
-            outs.append(o.transpose(0, 1))  # [n_i, heads, D]
+        with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
+            for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths)):  # one image frame each
+                # NOTE: 4-D [1, heads, n_i, D]: SDPA's fused kernels need a batch dim; with 3-D input it fell
+                # back to the math path, materialising [heads, n_i, n_i] scores (8 GiB for a screenshot)
+                qi, ki, vi = (t.transpose(0, 1).unsqueeze(0) for t in (qi, ki, vi))
+                o = F.scaled_dot_product_attention(qi, ki, vi)[0]  # [heads, n_i, D]
+                outs.append(o.transpose(0, 1))  # [n_i, heads, D]
         return self.proj(torch.cat(outs).flatten(1))
 
 

@@ -112,8 +112,13 @@ def silu_mul(x: Tensor) -> Tensor:
     return _impl("triton_fused", x).silu_mul(x)
 
 
+def vision_rope_(qkv: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """The vision tower's 2D rotary on q and k of qkv `[N, 3, heads, D]`, in place (cos/sin `[N, D]` fp32)."""
+    _impl("triton_fused", qkv).vision_rope_(qkv, cos, sin)
+
+
 __all__ = [
-    "linear", "rope_qkv_store", "silu_mul",
+    "linear", "rope_qkv_store", "silu_mul", "vision_rope_",
     "decode_attention", "norm_add_norm", "paged_attention", "rms_norm", "store_kv",
     "triton_disabled",
 ]

@@ -186,3 +186,17 @@ def silu_mul(x: Tensor) -> Tensor:
     """x [T, 2I] = [gate | up] -> silu(gate) * up [T, I]."""
     gate, up = x.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def vision_rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [N, heads, D] rotated in float32 (rotate-half over all D dims; cos/sin [N, D]), in x's dtype."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to(x.dtype)
+
+
+def vision_rope_(qkv: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """Rotate q = qkv[:, 0] and k = qkv[:, 1] of the vision tower's qkv [N, 3, heads, D] in place."""
+    for i in (0, 1):
+        qkv[:, i] = vision_rotate(qkv[:, i], cos, sin)

@@ -30,7 +30,24 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
             torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol, equal_nan=True)
         x = torch.randn(5, 2 * 1500, generator=g).to(device, dtype)
         torch.testing.assert_close(triton_fused.silu_mul(x).float(), reference.silu_mul(x).float(), atol=tol, rtol=tol)
+    check_vision_rope(device, dtype, tol, g)
     print("OK")
+
+
+def check_vision_rope(device: str, dtype: torch.dtype, tol: float, g: torch.Generator) -> None:
+    """The tower's in-place 2D rotary: q and k rotated like the reference, v untouched; ragged row counts."""
+    from autoglm_trt.plugins import triton_fused
+
+    for n, heads, d in ((37, 12, 128), (5, 2, 16)):
+        qkv = torch.randn(n, 3, heads, d, generator=g).to(device, dtype)
+        ang = torch.randn(n, d, generator=g).to(device)
+        cos, sin = ang.cos(), ang.sin()
+        want = qkv.clone()
+        reference.vision_rope_(want, cos, sin)
+        got = qkv.clone()
+        triton_fused.vision_rope_(got, cos, sin)
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+        assert torch.equal(got[:, 2], qkv[:, 2])
 
 
 if __name__ == "__main__":
