@@ -61,7 +61,7 @@ def quant_plan(cfg: BuildConfig) -> tuple[QuantPlan, dict]:
     except ImportError as exc:
         raise UserError(f"--quant {cfg.quant} needs autoglm_trt.layers.quant, which is missing ({exc})") from None
     act_quant = cfg.act_quant if cfg.quant == "w8a8" else None
-    record = {"mode": cfg.quant, "act_quant": act_quant, "calibration": None}
+    record = {"mode": cfg.quant, "act_quant": act_quant, "calibration": None, "lm_head": "int8"}
     if not cfg.calib_dir:
         return QuantPlan(cfg.quant), record
     from autoglm_trt.calibration.cache import load_calibration

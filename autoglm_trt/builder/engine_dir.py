@@ -99,7 +99,8 @@ def load_engine_model(engine_dir: str | Path, dtype: str = "auto", device: str |
         if quant != "none":
             from autoglm_trt.layers.quant import prepare_quantized_model
 
-            prepare_quantized_model(model, quant, act_quant=act_quant)
+            prepare_quantized_model(model, quant, act_quant=act_quant,
+                                    lm_head=manifest.quantization.get("lm_head") == "int8")
     path = engine_dir / name
     rebuild = f"rebuild it: `{manifest.command or 'autoglm-trt build MODEL_DIR -o ' + str(engine_dir)}`"
     sha = manifest.files[name].sha256 if checksums and name in manifest.files else None

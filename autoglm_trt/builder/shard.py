@@ -169,10 +169,15 @@ def layer_calibration(calib, layer_idx: int):
 
 
 def quantize_unit(unit: nn.Module, prefix: str, plan: QuantPlan) -> None:
-    """INT8 touches the decoder linears only; a decoder layer is quantized through a one-layer holder."""
+    """INT8 touches the decoder linears (a layer is quantized through a one-layer holder) and the LM head."""
+    from autoglm_trt.layers.quant import quantize_lm_head, quantize_model
+
+    if prefix == "lm_head":
+        holder = nn.Module()
+        holder.lm_head = unit
+        quantize_lm_head(holder)
     if not prefix.startswith("language_model.layers."):
         return
-    from autoglm_trt.layers.quant import quantize_model
 
     holder = nn.Module()
     holder.layers = nn.ModuleList([unit])
@@ -187,7 +192,7 @@ def planned_specs(cfg: ModelConfig, dtype: torch.dtype, plan: QuantPlan) -> dict
     if plan.mode != "none":
         from autoglm_trt.layers.quant import prepare_quantized_model
 
-        prepare_quantized_model(model, plan.mode, act_quant=plan.act_quant)
+        prepare_quantized_model(model, plan.mode, act_quant=plan.act_quant, lm_head=True)
     return {n: (t.dtype, tuple(t.shape)) for n, t in model.state_dict().items()}
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from autoglm_trt import plugins
 from autoglm_trt.layers.parallel import all_gather_last_dim, all_reduce, get_tp_rank, get_tp_size
+from autoglm_trt.layers.quant import w8a16
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -40,7 +41,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     """logits = h W^T over the vocabulary; shards are gathered so every rank sees full logits."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, dim] -> [B, vocab]
-        logits = plugins.linear(h, self.weight)
+        if self.weight.dtype == torch.int8:  # INT8 builds: W8A16 (layers/quant.quantize_lm_head)
+            logits = w8a16(h, self.weight, self.weight_scale, gemv_one_row=True)
+        else:
+            logits = plugins.linear(h, self.weight)
         if get_tp_size() > 1:
             logits = all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

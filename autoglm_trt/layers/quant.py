@@ -118,17 +118,42 @@ def _bias(layer: LinearBase) -> Tensor | None:
     return None if layer.tp_dim == 1 else layer.bias  # NOTE: row-parallel adds its bias after the all-reduce
 
 
+def w8a16(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None, gemv_one_row: bool = False) -> Tensor:
+    """x [M, K] @ (q int8 [N, K] * scale [N])^T (+ bias): Triton on CUDA, the reference elsewhere.
+    gemv_one_row: a single row always takes the GEMV (large N: no split-K needed; the LM head)."""
+    k = _kernels(x)
+    if k is None:
+        return w8a16_reference(x, q, scale, bias)
+    if gemv_one_row and x.shape[0] == 1 and x.stride(1) == 1:
+        return k.gemv(x, q, scale, bias)
+    return k.w8a16_matmul(x, q, scale, bias)
+
+
 class Int8WeightOnlyMethod:
     name = "int8-wo"
 
     def apply(self, layer: LinearBase, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # [T, K]
-        k = _kernels(x2)
-        if k is not None:
-            y = k.w8a16_matmul(x2, layer.weight, layer.weight_scale, _bias(layer))
-        else:
-            y = w8a16_reference(x2, layer.weight, layer.weight_scale, _bias(layer))
+        y = w8a16(x.reshape(-1, x.shape[-1]), layer.weight, layer.weight_scale, _bias(layer))  # [T, N]
         return y.reshape(*x.shape[:-1], -1)
+
+
+def quantize_lm_head(model: nn.Module) -> None:
+    """The LM head (this rank's vocabulary rows) to int8 per row + fp32 scales: W8A16 in every INT8 mode."""
+    head = getattr(model, "lm_head", None)
+    if head is None or head.weight.dtype == torch.int8:
+        return
+    q, scale = quantize_weight(head.weight)
+    head.weight = nn.Parameter(q, requires_grad=False)
+    head.weight_scale = nn.Parameter(scale.to(q.device), requires_grad=False)
+
+
+def prepare_lm_head(model: nn.Module) -> None:
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        rows, dim = head.weight.shape
+        dev = head.weight.device
+        head.weight = nn.Parameter(torch.empty(rows, dim, dtype=torch.int8, device=dev), requires_grad=False)
+        head.weight_scale = nn.Parameter(torch.empty(rows, device=dev), requires_grad=False)
 
 
 class W8A8Method:
@@ -256,8 +281,9 @@ def _calibration_inputs(act_scales, smooth_alpha: float) -> tuple[dict | None, d
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str, act_scales=None, smooth_alpha: float = 0.5, *,
-                   act_quant: str = "dynamic") -> None:
-    """Quantize the decoder linears in place (after tensor-parallel sharding); see the module docstring.
+                   act_quant: str = "dynamic", lm_head: bool = True) -> None:
+    """Quantize the decoder linears (and the LM head, weight-only, unless lm_head=False) in place, after
+    tensor-parallel sharding; see the module docstring.
 
     act_scales: a calibration.CalibrationResult, or {linear key: per-input-channel amax [K]} (any key prefix
     before 'layers.'). Used by "w8a8" only: without it, W8A8 runs without smoothing (dynamic only).
@@ -286,8 +312,11 @@ def quantize_model(model: nn.Module, mode: str, act_scales=None, smooth_alpha: f
             lin.input_scale = nn.Parameter((a.float().clamp(min=_EPS) / 127.0).reshape(1).to(q.device),
                                            requires_grad=False)
         lin.quant_method = W8A8Method(static=act_quant == "static")
+    if lm_head:
+        quantize_lm_head(model)
     model.quant_config = {"mode": mode, "act_quant": act_quant if mode == "w8a8" else None,
-                          "smooth_alpha": smooth_alpha if mode == "w8a8" and scales else None}
+                          "smooth_alpha": smooth_alpha if mode == "w8a8" and scales else None,
+                          "lm_head": "int8" if lm_head and getattr(model, "lm_head", None) is not None else None}
 
 
 def _static_amax(key: str, lin: LinearBase, amax: dict, scales: dict, static_amax: dict | None) -> Tensor:
@@ -299,8 +328,9 @@ def _static_amax(key: str, lin: LinearBase, amax: dict, scales: dict, static_ama
     return (a / local_slice(s.to(a.device).float(), lin)).max() if s is not None else a.max()
 
 
-def prepare_quantized_model(model: nn.Module, mode: str, *, act_quant: str = "dynamic") -> None:
-    """Allocate empty int8 parameters (and methods) so that a quantized state_dict loads strictly."""
+def prepare_quantized_model(model: nn.Module, mode: str, *, act_quant: str = "dynamic", lm_head: bool = False) -> None:
+    """Allocate empty int8 parameters (and methods) so that a quantized state_dict loads strictly.
+    lm_head: the build quantized the LM head too (engine manifests say so; older builds did not)."""
     _check_mode(mode, act_quant)
     for key, lin in decoder_linears(model):
         dev = lin.weight.device
@@ -315,4 +345,7 @@ def prepare_quantized_model(model: nn.Module, mode: str, *, act_quant: str = "dy
         if act_quant == "static":
             lin.input_scale = nn.Parameter(torch.empty(1, device=dev), requires_grad=False)
         lin.quant_method = W8A8Method(static=act_quant == "static")
-    model.quant_config = {"mode": mode, "act_quant": act_quant if mode == "w8a8" else None, "smooth_alpha": None}
+    if lm_head:
+        prepare_lm_head(model)
+    model.quant_config = {"mode": mode, "act_quant": act_quant if mode == "w8a8" else None, "smooth_alpha": None,
+                          "lm_head": "int8" if lm_head else None}

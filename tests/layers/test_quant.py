@@ -108,7 +108,24 @@ def test_quantized_tiny_model_close_to_float(model, batch, mode, kw, max_rel, mi
     assert m.quant_config["mode"] == mode
     lin = m.language_model.layers[0].mlp.down_proj
     assert lin.weight.dtype == torch.int8 and lin.weight_scale.dtype == torch.float32
-    assert m.lm_head.weight.dtype == torch.float32 and m.visual.blocks[0].attn.qkv.weight.dtype == torch.float32
+    assert m.lm_head.weight.dtype == torch.int8 and m.lm_head.weight_scale.shape == (m.lm_head.weight.shape[0],)
+    assert m.visual.blocks[0].attn.qkv.weight.dtype == torch.float32 and m.quant_config["lm_head"] == "int8"
+
+
+def test_lm_head_can_stay_float(model, batch) -> None:
+    m = copy.deepcopy(model)
+    Q.quantize_model(m, "int8-wo", lm_head=False)
+    assert m.lm_head.weight.dtype == torch.float32 and m.quant_config["lm_head"] is None
+    assert torch.equal(m.lm_head.weight, model.lm_head.weight)
+
+
+def test_int8_lm_head_is_w8a16_of_its_rows(model, batch) -> None:
+    m = copy.deepcopy(model)
+    Q.quantize_lm_head(m)
+    h = torch.randn(3, model.lm_head.weight.shape[1])
+    want = Q.w8a16_reference(h, m.lm_head.weight, m.lm_head.weight_scale)[:, :model.lm_head.vocab_size]
+    assert torch.equal(m.lm_head(h), want)
+    assert rel_err(m.lm_head(h), model.lm_head(h)) < 0.01
 
 
 def test_smoothing_leaves_the_float_function_unchanged(model, batch) -> None:
@@ -130,11 +147,11 @@ def test_state_dict_round_trip(model, batch, tiny_model_dir, mode, act_quant) ->
     m = copy.deepcopy(model)
     Q.quantize_model(m, mode, channel_amax(model, batch) if mode == "w8a8" else None, act_quant=act_quant)
     fresh = load_model(tiny_model_dir, dtype="float32", show_progress=False)
-    Q.prepare_quantized_model(fresh, mode, act_quant=act_quant)
+    Q.prepare_quantized_model(fresh, mode, act_quant=act_quant, lm_head=True)
     fresh.load_state_dict(m.state_dict(), strict=True)
     assert torch.equal(logits(fresh, batch), logits(m, batch))
     keys = set(m.state_dict())
-    assert "language_model.layers.1.self_attn.qkv_proj.weight_scale" in keys
+    assert "language_model.layers.1.self_attn.qkv_proj.weight_scale" in keys and "lm_head.weight_scale" in keys
     assert ("language_model.layers.1.self_attn.o_proj.smooth_scale" in keys) == (mode == "w8a8")
     assert ("language_model.layers.1.mlp.down_proj.input_scale" in keys) == (act_quant == "static" and mode == "w8a8")
 
