@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -19,19 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import median_event_ms  # noqa: E402
+
 
 def _median_ms(fn, iters: int = 10) -> float:
-    fn()
+    fn()  # warm-up: compile, autotune, allocate
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    return median_event_ms(fn, iters)
 
 
 def attention_backends(n: int, heads: int = 12, dim: int = 128) -> dict:
