@@ -18,8 +18,8 @@ from pathlib import Path
 from autoglm_trt.errors import UserError
 
 FORMAT = "autoglm-trt-engine"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2  # 2: INT8 builds also hold an int8 LM head (quantization.lm_head); 1 still loads
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 MANIFEST_KEY = "autoglm_trt_engine"
 _CHUNK = 16 << 20
 

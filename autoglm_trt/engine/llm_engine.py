@@ -43,6 +43,8 @@ class LLMEngine:
         self.model_config = ModelConfig.from_dir(config.model_dir)
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
         self.processor = InputProcessor.from_dir(config.model_dir)
+        self.processor.image_processor.pixels_in_preprocess = (
+            self.device.type != "cuda" or config.image_preprocess_device == "cpu")
         t0 = time.perf_counter()
         torch.manual_seed(config.seed)
         # -- tensor parallelism (engine/executor.py): the workers start and the group forms before any

@@ -28,7 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from autoglm_trt.errors import UserError
-from autoglm_trt.processing.pixels import PixelSpec, cpu_pixels, device_pixels
+from autoglm_trt.processing.pixels import PixelSpec, cpu_pixels, device_ok, device_pixels
 from autoglm_trt.processing.tokenizer import read_json
 
 MAX_ASPECT_RATIO = 200  # transformers' smart_resize refuses longer/shorter side above this
@@ -57,7 +57,7 @@ class ImageInput:
     def pixels_on(self, device: torch.device, dtype: torch.dtype, exact: bool = False) -> torch.Tensor:
         """The patches as `dtype` on `device`: on a GPU computed there (~1 ms instead of ~100 on the CPU,
         within a grey level or two of transformers) unless `exact`; elsewhere the exact CPU path."""
-        if device.type == "cpu" or exact:
+        if device.type == "cpu" or exact or not device_ok(self.rgb, self.resized):
             return self.pixel_values.to(device, dtype)
         return device_pixels(self.rgb, self.resized, self.spec, device, dtype)
 
@@ -146,6 +146,9 @@ class ImageProcessor:
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.rescale_factor = rescale_factor
         self.backend = backend
+        # the engine sets it when it will not do the pixel work on a GPU: then preprocess (a request
+        # thread) computes the exact patches, so the engine's step never stalls ~100 ms on an image
+        self.pixels_in_preprocess = False
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, backend: str | None = None) -> "ImageProcessor":
@@ -191,8 +194,11 @@ class ImageProcessor:
         h, w = self.resized_size(rgb.height, rgb.width, min_pixels, max_pixels)
         grid = (1, h // self.patch_size, w // self.patch_size)
         array = np.array(rgb)  # [H, W, 3] uint8 (a writable copy: torch shares it)
-        return ImageInput(rgb=torch.from_numpy(array), resized=(h, w), spec=self.spec, grid_thw=grid,
-                          content_hash=image_hash(array, grid), num_tokens=grid[1] * grid[2] // self.merge_size ** 2)
+        out = ImageInput(rgb=torch.from_numpy(array), resized=(h, w), spec=self.spec, grid_thw=grid,
+                         content_hash=image_hash(array, grid), num_tokens=grid[1] * grid[2] // self.merge_size ** 2)
+        if self.pixels_in_preprocess or not device_ok(out.rgb, out.resized):
+            out.pixel_values  # noqa: B018 - computed here, cached on the image
+        return out
 
     @property
     def spec(self) -> PixelSpec:

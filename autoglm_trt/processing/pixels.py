@@ -47,6 +47,20 @@ def cpu_pixels(rgb: torch.Tensor, size: tuple[int, int], spec: PixelSpec) -> tor
     return patchify(_normalize(x.to(torch.float32), spec), spec)
 
 
+# The GPU path takes images that stay small on the device and shrink moderately: torch's CUDA antialias
+# kernel sizes its thread block by the shrink factor (past ~91x a pass fails or divides by zero), and the
+# float32 copy of a 64 MP upload would be ~0.8 GB on top of the KV cache. Others take the CPU path.
+MAX_DEVICE_SHRINK = 32
+MAX_DEVICE_PIXELS = 16_000_000
+
+
+def device_ok(rgb: torch.Tensor, size: tuple[int, int]) -> bool:
+    """Whether `device_pixels` takes this image ([H, W, 3] resized to `size`), else `cpu_pixels` does."""
+    height, width = rgb.shape[0], rgb.shape[1]
+    shrink = max(height / size[0], width / size[1])
+    return height * width <= MAX_DEVICE_PIXELS and shrink <= MAX_DEVICE_SHRINK
+
+
 def device_pixels(rgb: torch.Tensor, size: tuple[int, int], spec: PixelSpec, device: torch.device,
                   dtype: torch.dtype) -> torch.Tensor:
     """rgb [H, W, 3] uint8 (host) -> patches [gh*gw, 3*T*P*P] of `dtype` computed on `device`."""

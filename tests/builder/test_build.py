@@ -30,7 +30,7 @@ def test_layout_and_manifest(tiny_engine, tiny_model_dir):
                  "preprocessor_config.json", "generation_config.json"):
         assert (d / name).is_file(), name
     m = read_manifest(d)
-    assert m.format_version == 1 and m.tp_size == 1 and m.quantization["mode"] == "none"
+    assert m.format_version == 2 and m.tp_size == 1 and m.quantization["mode"] == "none"
     assert m.build["dtype"] == "float32" and m.build["page_size"] == 16 and m.gpu is None
     assert len(m.source.sha256) == 64 and m.source.hash_method == "fast"
     assert set(m.profiles) == {"runtime", "llm", "visual"}
@@ -156,7 +156,7 @@ def test_unknown_format_version_refused(engine_copy):
     cfg = json.loads((engine_copy / "config.json").read_text())
     cfg[MANIFEST_KEY]["format_version"] = 99
     (engine_copy / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match=r"engine format version 99; autoglm-trt .* reads version\(s\) 1: rebuild"):
+    with pytest.raises(UserError, match=r"engine format version 99; autoglm-trt .* reads version\(s\) 1, 2: rebuild"):
         load_model(engine_copy, show_progress=False)
 
 
