@@ -227,7 +227,8 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     enforce_eager: bool = False  # no CUDA graphs
     # decode batch buckets captured as CUDA graphs (those <= max_num_seqs); larger batches run eagerly
-    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384,
+                                               448, 512)
     num_decode_steps: int = 8  # greedy decode tokens per CPU round trip on GPU (1 = every token)
     seed: int = 0
     quant: str = "none"  # none | int8-wo | w8a8: quantize the decoder's linears after loading

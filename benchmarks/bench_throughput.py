@@ -2,7 +2,7 @@
 once, the engine runs until all are done; no HTTP in the way.
 
     python benchmarks/bench_throughput.py --model-dir /tmp/phone-9b --num-prompts 512 \
-        --input-len 467 --output-len 256 --max-num-seqs 256 [--json out.json]
+        --input-len 467 --output-len 256 --max-num-seqs 512 [--json out.json]
 
 Reports output tok/s, and where the wall time went: steps with prompt tokens (mixed prefill + decode,
 eager) vs pure decode steps (CUDA graphs, multi-step windows), with their counts and mean times.
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=512)
     ap.add_argument("--input-len", type=int, default=467)
     ap.add_argument("--output-len", type=int, default=256)
-    ap.add_argument("--max-num-seqs", default="256", help="comma-separated: one run each")
+    ap.add_argument("--max-num-seqs", default="512", help="comma-separated: one run each")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--num-decode-steps", type=int, default=8)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.90)
