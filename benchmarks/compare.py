@@ -8,7 +8,7 @@ e.g. `engine.1.tok_s_per_seq`, `levels[concurrency=8].ttft_p50_ms`, `rows[varian
 (list items are named by their identity keys). Its direction comes from the names on its path, the
 last name that says one wins (`floor_ms.1`: lower; `kernels[...].tbs.bf16`: higher):
 
-    higher is better   tok_s, tokens_per_s, requests_per_s, *_per_s, tbs (TB/s), tflops, speedup
+    higher is better   tok_s, requests_s, tokens_per_s, requests_per_s, *_per_s, tbs (TB/s), tflops, speedup
     lower is better    ms, us, latency, seconds, *_s (startup_s, duration_s), gib / mib (memory, sizes), failed
     not compared       anything else (batch, tokens, kv_blocks, ...), booleans, NaN, and the `args` and
                        `sweep` sections (settings and tuning runs, not results)
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SKIP_SECTIONS = ("args", "sweep")
-ID_KEYS = ("concurrency", "batch", "shape", "m", "n", "k", "what", "variant", "mode", "bytes")
-_HIGHER = re.compile(r"(^|_)(tok_s|tokens_per_s|requests_per_s|per_s|tbs|tflops|speedup)($|_)")
+ID_KEYS = ("concurrency", "batch", "shape", "m", "n", "k", "what", "variant", "mode", "bytes", "max_num_seqs")
+_HIGHER = re.compile(r"(^|_)(tok_s|requests_s|tokens_per_s|requests_per_s|per_s|tbs|tflops|speedup)($|_)")
 _LOWER = re.compile(r"(^|_)(ms|us|latency|seconds|s|gib|mib|failed)($|_)")
 
 
@@ -110,6 +110,7 @@ def compare(bench: object, baseline: object, only: list[str] = (), ignore: list[
 
 def print_table(rows: list[Row], tolerance: float, title: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title)
@@ -118,7 +119,7 @@ def print_table(rows: list[Row], tolerance: float, title: str) -> None:
     style = {"WORSE": "bold red", "better": "green", "missing": "dim"}
     for r in rows:
         s = r.status(tolerance)
-        table.add_row(r.figure, r.better, _fmt(r.baseline), _fmt(r.bench),
+        table.add_row(escape(r.figure), r.better, _fmt(r.baseline), _fmt(r.bench),
                       "-" if r.change is None else f"{100 * r.change:+.1f}%", f"[{style.get(s, '')}]{s}[/]"
                       if s in style else s)
     console = Console()

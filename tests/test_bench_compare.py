@@ -47,6 +47,7 @@ def _run(tmp_path: Path, bench: object, baseline: object, *args: str) -> subproc
     (["levels[concurrency=8]", "duration_s"], "lower"), (["engine", "bf16", "startup_s"], "lower"),
     (["kernels[shape=qkv,m=1]", "tbs", "w8a16"], "higher"), (["rows[variant=nccl]", "us"], "lower"),
     (["engine", "peak_gib"], "lower"), (["levels[concurrency=1]", "failed"], "lower"),
+    (["runs[max_num_seqs=512]", "requests_s"], "higher"), (["runs[max_num_seqs=512]", "output_tok_s"], "higher"),
     (["engine", "1", "tokens"], None), (["engine", "bf16", "kv_blocks"], None),
     (["levels[concurrency=1]", "mean_output_tokens"], None), (["words_per_prompt"], None),
 ])
@@ -98,6 +99,7 @@ def test_serving_failures_and_latency(tmp_path):
     proc = _run(tmp_path, bench, SERVING)
     assert proc.returncode == 1
     assert "levels[concurrency=8].failed" in proc.stdout and "levels[concurrency=1].ttft_p99_ms" in proc.stdout
+    assert any(line.startswith("│ levels[concurrency=8].failed ") for line in proc.stdout.splitlines())  # not eaten as markup
     assert "2 of " in proc.stdout
     assert _run(tmp_path, bench, SERVING, "--ignore", "*.failed", "--ignore", "*ttft*").returncode == 0
     assert _run(tmp_path, bench, SERVING, "--only", "levels[[]concurrency=8[]].failed").returncode == 1
