@@ -173,9 +173,7 @@ def quantize_unit(unit: nn.Module, prefix: str, plan: QuantPlan) -> None:
     from autoglm_trt.layers.quant import quantize_lm_head, quantize_model
 
     if prefix == "lm_head":
-        holder = nn.Module()
-        holder.lm_head = unit
-        quantize_lm_head(holder)
+        quantize_lm_head(unit)
     if not prefix.startswith("language_model.layers."):
         return
 

@@ -137,23 +137,20 @@ class Int8WeightOnlyMethod:
         return y.reshape(*x.shape[:-1], -1)
 
 
-def quantize_lm_head(model: nn.Module) -> None:
+def quantize_lm_head(head: nn.Module) -> None:
     """The LM head (this rank's vocabulary rows) to int8 per row + fp32 scales: W8A16 in every INT8 mode."""
-    head = getattr(model, "lm_head", None)
-    if head is None or head.weight.dtype == torch.int8:
-        return
-    q, scale = quantize_weight(head.weight)
-    head.weight = nn.Parameter(q, requires_grad=False)
-    head.weight_scale = nn.Parameter(scale.to(q.device), requires_grad=False)
+    if head.weight.dtype != torch.int8:
+        q, scale = quantize_weight(head.weight)
+        head.weight = nn.Parameter(q, requires_grad=False)
+        head.weight_scale = nn.Parameter(scale.to(q.device), requires_grad=False)
 
 
-def prepare_lm_head(model: nn.Module) -> None:
-    head = getattr(model, "lm_head", None)
-    if head is not None:
-        rows, dim = head.weight.shape
-        dev = head.weight.device
-        head.weight = nn.Parameter(torch.empty(rows, dim, dtype=torch.int8, device=dev), requires_grad=False)
-        head.weight_scale = nn.Parameter(torch.empty(rows, device=dev), requires_grad=False)
+def _prepare_lm_head(head: nn.Module) -> None:
+    """Empty int8 weight + scales in the LM head's shape, for a quantized state_dict to load into."""
+    rows, dim = head.weight.shape
+    dev = head.weight.device
+    head.weight = nn.Parameter(torch.empty(rows, dim, dtype=torch.int8, device=dev), requires_grad=False)
+    head.weight_scale = nn.Parameter(torch.empty(rows, device=dev), requires_grad=False)
 
 
 class W8A8Method:
@@ -312,11 +309,12 @@ def quantize_model(model: nn.Module, mode: str, act_scales=None, smooth_alpha: f
             lin.input_scale = nn.Parameter((a.float().clamp(min=_EPS) / 127.0).reshape(1).to(q.device),
                                            requires_grad=False)
         lin.quant_method = W8A8Method(static=act_quant == "static")
-    if lm_head:
-        quantize_lm_head(model)
+    head = getattr(model, "lm_head", None) if lm_head else None  # NOTE: the builder's one-layer holders have none
+    if head is not None:
+        quantize_lm_head(head)
     model.quant_config = {"mode": mode, "act_quant": act_quant if mode == "w8a8" else None,
                           "smooth_alpha": smooth_alpha if mode == "w8a8" and scales else None,
-                          "lm_head": "int8" if lm_head and getattr(model, "lm_head", None) is not None else None}
+                          "lm_head": "int8" if head is not None else None}
 
 
 def _static_amax(key: str, lin: LinearBase, amax: dict, scales: dict, static_amax: dict | None) -> Tensor:
@@ -346,6 +344,6 @@ def prepare_quantized_model(model: nn.Module, mode: str, *, act_quant: str = "dy
             lin.input_scale = nn.Parameter(torch.empty(1, device=dev), requires_grad=False)
         lin.quant_method = W8A8Method(static=act_quant == "static")
     if lm_head:
-        prepare_lm_head(model)
+        _prepare_lm_head(model.lm_head)
     model.quant_config = {"mode": mode, "act_quant": act_quant if mode == "w8a8" else None, "smooth_alpha": None,
                           "lm_head": "int8" if lm_head else None}

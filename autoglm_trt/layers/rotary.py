@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autoglm_trt.plugins import reference
-
 
 class MRotaryEmbedding(nn.Module):
     """M-RoPE over the first `rotary_dim` dims of each head, GPT-J style (pairs x[2i], x[2i+1]).
@@ -55,8 +53,3 @@ class VisionRotaryEmbedding(nn.Module):
         half = freqs.flatten(1)  # [N, head_dim / 2]: h freqs then w freqs
         angle = torch.cat((half, half), dim=-1)
         return angle.cos(), angle.sin()
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [N, heads, head_dim] rotated in float32 (rotate-half layout), returned in x's dtype."""
-        return reference.vision_rotate(x, cos, sin)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from autoglm_trt import plugins

@@ -121,7 +121,7 @@ def test_lm_head_can_stay_float(model, batch) -> None:
 
 def test_int8_lm_head_is_w8a16_of_its_rows(model, batch) -> None:
     m = copy.deepcopy(model)
-    Q.quantize_lm_head(m)
+    Q.quantize_lm_head(m.lm_head)
     h = torch.randn(3, model.lm_head.weight.shape[1])
     want = Q.w8a16_reference(h, m.lm_head.weight, m.lm_head.weight_scale)[:, :model.lm_head.vocab_size]
     assert torch.equal(m.lm_head(h), want)
