@@ -5,9 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from autoglm_trt import plugins
-from autoglm_trt.layers.context import get_context
+from autoglm_trt.layers.context import AttentionContext, get_context
+
+# SDPA kernels in order of preference for long attention: a whole prompt in one step (cuDNN ran a 3.8k-token
+# causal GQA prefill at 448 TFLOP/s on an H100, the paged Triton kernel at 198) and the vision tower (cuDNN 617
+# TFLOP/s, flash 351); see benchmarks/bench_prefill_ops.py. A backend that cannot take the input passes to
+# the next; the math path stays the last resort.
+SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                  SDPBackend.MATH]
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -40,5 +48,30 @@ class PagedAttention(nn.Module):
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         if ctx.is_decode:
             return plugins.decode_attention(q, k_cache, v_cache, ctx.seq_lens, ctx.block_tables, self.scale)
+        if is_whole_prompt(ctx):
+            return self._dense_prefill(q, k_cache, v_cache, ctx.block_tables[0])
         return plugins.paged_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables,
                                        ctx.max_seqlen_q, ctx.max_seqlen_k, self.scale)
+
+    def _dense_prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       table: torch.Tensor) -> torch.Tensor:
+        """Causal GQA attention of one whole prompt q [T, H, D] over its K/V (just stored) -> [T, H, D]."""
+        t = q.shape[0]
+        k, v = gather_kv(k_cache, table, t), gather_kv(v_cache, table, t)  # [T, kvH, D]
+        qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, T, D]
+        with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale,
+                                                 enable_gqa=kh.shape[1] != qh.shape[1])  # [1, H, T, D]
+        return out[0].transpose(0, 1)
+
+
+def is_whole_prompt(ctx: AttentionContext) -> bool:
+    """One sequence whose every cached token is computed in this step (no prefix-cache hit, no earlier chunk)."""
+    return ctx.seq_lens.shape[0] == 1 and ctx.max_seqlen_q == ctx.max_seqlen_k
+
+
+def gather_kv(cache: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n tokens of one sequence from a paged cache [blocks, page, kvH, D] (table [max_blocks]) -> [n, kvH, D]."""
+    page = cache.shape[1]
+    blocks = cache.index_select(0, table[: -(-n // page)].long())  # [nb, page, kvH, D]
+    return blocks.flatten(0, 1)[:n]

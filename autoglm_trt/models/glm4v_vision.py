@@ -9,18 +9,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 from autoglm_trt import plugins
 from autoglm_trt.config import VisionConfig
+from autoglm_trt.layers.attention import SDPA_BACKENDS
 from autoglm_trt.layers.norm import RMSNorm
 from autoglm_trt.layers.rotary import VisionRotaryEmbedding
 
 
-# SDPA kernels in order of preference for the tower's long full attention (one screenshot: 12 heads x 12k
-# patches); a backend that cannot take the input passes to the next, the math path stays the last resort.
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.MATH]
+_GEOMETRY_CACHE = 4  # grids whose rotary tables and position embeddings stay on the device
 
 
 def vision_position_ids(grid_thw: list[tuple[int, int, int]], merge: int) -> torch.Tensor:
@@ -43,16 +41,17 @@ class Glm4vVisionEmbeddings(nn.Module):
         super().__init__()
         self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, hw: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
+    def positions(self, hw: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
+        """The table resized to each grid at hw [N, 2] (row, col) -> [N, C] in the table's dtype."""
         table = self.position_embedding.weight  # [S*S, C]
         side = int(table.shape[0] ** 0.5)
         table_2d = table.view(side, side, -1).permute(2, 0, 1).unsqueeze(0).float()  # [1, C, S, S]
         sizes = torch.tensor([[h, w] for t, h, w in grid_thw for _ in range(t * h * w)], dtype=torch.float32,
-                             device=x.device)  # [N, 2]
-        norm = (hw.to(x.device).float() + 0.5) / sizes * 2 - 1  # [N, 2] (row, col) in [-1, 1]
+                             device=table.device)  # [N, 2]
+        norm = (hw.to(table.device).float() + 0.5) / sizes * 2 - 1  # [N, 2] (row, col) in [-1, 1]
         grid = norm.flip(-1).view(1, -1, 1, 2)  # grid_sample wants (x=col, y=row)
         pos = F.grid_sample(table_2d, grid, mode="bicubic", align_corners=False, padding_mode="border")
-        return x + pos.squeeze(0).squeeze(-1).t().to(table.dtype)  # [N, C]
+        return pos.squeeze(0).squeeze(-1).t().to(table.dtype)  # [N, C]
 
 
 class Glm4vVisionAttention(nn.Module):
@@ -133,10 +132,28 @@ class Glm4vVisionModel(nn.Module):
         m = c.spatial_merge_size
         self.downsample = nn.Conv2d(c.hidden_size, c.out_hidden_size, kernel_size=m, stride=m)
         self.merger = Glm4vVisionPatchMerger(c.out_hidden_size, c.intermediate_size)
+        self._geometry: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @property
     def dtype(self) -> torch.dtype:
         return self.patch_embed.proj.weight.dtype
+
+    def geometry(self, grid_thw: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What depends on the grids only: rotary cos/sin [N, head_dim] and position embeddings [N, C_v].
+
+        Kept for the last few grids (a phone sends one screen size over and over): their bicubic resize and
+        the per-patch index lists otherwise cost ~5 ms of CPU and GPU time per screenshot.
+        """
+        table = self.embeddings.position_embedding.weight
+        key = (tuple(map(tuple, grid_thw)), table.device, table.dtype, table.data_ptr(), table._version)
+        hit = self._geometry.get(key)
+        if hit is None:
+            hw = vision_position_ids(grid_thw, self.cfg.spatial_merge_size).to(table.device)  # [N, 2]
+            hit = (*self.rotary.cos_sin(hw), self.embeddings.positions(hw, grid_thw))
+            if len(self._geometry) >= _GEOMETRY_CACHE:
+                self._geometry.pop(next(iter(self._geometry)))
+            self._geometry[key] = hit
+        return hit
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
         """pixel_values [N, C*T*P*P] (patches of all images) -> [N / merge^2, out_hidden] image embeddings."""
@@ -144,9 +161,8 @@ class Glm4vVisionModel(nn.Module):
         conv = self.patch_embed.proj
         x = F.linear(pixel_values.to(conv.weight.dtype), conv.weight.flatten(1), conv.bias)  # [N, C_v]
         x = self.post_conv_layernorm(x)
-        hw = vision_position_ids(grid_thw, m).to(x.device)  # [N, 2]
-        cos, sin = self.rotary.cos_sin(hw)  # [N, head_dim]
-        x = self.embeddings(x, hw, grid_thw)
+        cos, sin, pos = self.geometry(grid_thw)  # [N, head_dim] fp32 x 2, [N, C_v]
+        x = x + pos
         lengths = [h * w for t, h, w in grid_thw for _ in range(t)]
         for block in self.blocks:
             x = block(x, cos, sin, lengths)

@@ -14,13 +14,15 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
     from autoglm_trt.plugins import triton_fused
 
     g = torch.Generator().manual_seed(0)
-    for heads, kv, d, half, page in ((4, 2, 32, 8, 16), (32, 2, 128, 32, 16), (3, 1, 24, 6, 8)):
-        t, blocks = 7, 6
+    # t = 7: one token per program; t = 150: 4 per program, the last block ragged (plugins.triton_fused._rope_tokens)
+    for heads, kv, d, half, page, t in ((4, 2, 32, 8, 16, 7), (32, 2, 128, 32, 16, 7), (3, 1, 24, 6, 8, 7),
+                                        (4, 2, 32, 8, 16, 150)):
+        blocks = -(-t // page) + 4
         qkv = torch.randn(t, (heads + 2 * kv) * d, generator=g).to(device, dtype)
         ang = torch.randn(t, half, generator=g).to(device)
         cos, sin = ang.cos(), ang.sin()
         slots = torch.randperm(blocks * page, generator=g)[:t].to(device)
-        slots[2] = -1
+        slots[2] = slots[-1] = -1
         caches = [torch.full((blocks, page, kv, d), float("nan"), dtype=dtype, device=device) for _ in range(4)]
         bias = torch.randn(qkv.shape[1], generator=g).to(device, dtype) if heads != 32 else None
         q = triton_fused.rope_qkv_store(qkv, cos, sin, caches[0], caches[1], slots, heads, kv, d, bias)
