@@ -231,7 +231,7 @@ class EngineConfig:
                                                448, 512)
     num_decode_steps: int = 8  # greedy decode tokens per CPU round trip on GPU (1 = every token)
     seed: int = 0
-    quant: str = "none"  # none | int8-wo | w8a8: quantize the decoder's linears after loading
+    quant: str = "none"  # none | int8-wo | w8a8 | fp8: quantize the decoder's linears after loading
     calib_dir: str | None = None  # calibration directory (SmoothQuant scales) for w8a8
     act_quant: str = "dynamic"  # w8a8 activation scales: dynamic per token | static from calibration
     # image resize/normalize/patches: "auto" = on the engine's device (a GPU does it in ~1 ms, within a grey
@@ -243,8 +243,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device}")
-        if self.quant not in ("none", "int8-wo", "w8a8"):
-            raise ValueError(f"quant must be none, int8-wo or w8a8, got {self.quant}")
+        if self.quant not in ("none", "int8-wo", "w8a8", "fp8"):
+            raise ValueError(f"quant must be none, int8-wo, w8a8 or fp8, got {self.quant}")
         if self.act_quant not in ("dynamic", "static"):
             raise ValueError(f"act_quant must be dynamic or static, got {self.act_quant}")
         if self.image_preprocess_device not in ("auto", "cpu"):

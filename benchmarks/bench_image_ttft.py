@@ -1,12 +1,13 @@
 """Where a screenshot request's time to first token goes, offline on one GPU: image preprocessing on the
 CPU, the vision tower, and the decoder prefill (each image distinct, so no cache answers).
 
-    python benchmarks/bench_image_ttft.py --model-dir /tmp/phone-9b [--size 1080x2400] [--json out.json]
+    python benchmarks/bench_image_ttft.py --model-dir /tmp/phone-9b [--size 1080x2400] [--quant none,fp8] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -60,20 +61,29 @@ def main() -> None:
     ap.add_argument("--size", default="1080x2400")
     ap.add_argument("--words", type=int, default=300, help="text words after the image")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quant", default="none", help="comma-separated quant modes, one engine each: none,fp8")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from autoglm_trt.engine.llm import LLM
 
     w, h = (int(v) for v in args.size.split("x"))
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    llm = LLM(args.model_dir, dtype=dtype, max_model_len=8192, max_num_seqs=8)
-    res = measure(llm, _screens(args.repeats + 1, (w, h)), "tap the search box " * (args.words // 4))
-    res.update(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", size=args.size, date=time.strftime("%Y-%m-%d"))
-    res["ttft_estimate_ms"] = res["cpu_ms"] + res["vision_plus_prefill_ms"]
-    print(json.dumps(res, indent=2))
+    out = {}
+    for mode in args.quant.split(","):
+        llm = LLM(args.model_dir, dtype=dtype, max_model_len=8192, max_num_seqs=8,
+                  **({"quant": mode} if mode != "none" else {}))
+        res = measure(llm, _screens(args.repeats + 1, (w, h)), "tap the search box " * (args.words // 4))
+        res.update(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", size=args.size,
+                   date=time.strftime("%Y-%m-%d"), quant=mode)
+        res["ttft_estimate_ms"] = res["cpu_ms"] + res["vision_plus_prefill_ms"]
+        print(json.dumps(res, indent=2), flush=True)
+        out[mode] = res
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
-
+        Path(args.json).write_text(json.dumps(out if len(out) > 1 else res, indent=2))
 
 if __name__ == "__main__":
     main()

@@ -40,7 +40,7 @@ class LoadEntry:
 class QuantPlan:
     """How each rank's units are quantized (mode "none": not at all)."""
 
-    mode: str = "none"  # none | int8-wo | w8a8
+    mode: str = "none"  # none | int8-wo | w8a8 | fp8
     act_quant: str = "dynamic"  # w8a8 activations: dynamic per token, or static per tensor (calibrated)
     calibration: object | None = None  # calibration.CalibrationResult (SmoothQuant statistics), or None
 

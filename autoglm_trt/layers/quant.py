@@ -10,6 +10,8 @@ Modes:
   multiplied into x by the activation-quantization kernel. Then int8 weights per output channel
   and int8 activations per token (dynamic), or per tensor from calibration (act_quant="static",
   `input_scale` fp32 [1]).
+- "fp8": float8_e4m3fn weights per output channel, activations per token (dynamic) on the FP8 tensor
+  cores; see layers/fp8.py.
 Tensor parallelism: quantize AFTER sharding. Weight scales follow the local output channels;
 smoothing scales are full-model vectors (from calibration, or from weights max-reduced over ranks)
 sliced to the local input channels of row-parallel layers, so folded norms stay replicated.
@@ -27,11 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoglm_trt import plugins
-from autoglm_trt.layers import parallel
+from autoglm_trt.layers import fp8, parallel
 from autoglm_trt.layers.linear import LinearBase
 
 DECODER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-MODES = ("int8-wo", "w8a8")
+MODES = ("int8-wo", "w8a8", "fp8")
 ACT_QUANT = ("dynamic", "static")
 _EPS = 1e-8
 _kernels_mod = None  # plugins.int8_gemm once imported, False when triton is missing
@@ -151,6 +153,15 @@ def _prepare_lm_head(head: nn.Module) -> None:
     dev = head.weight.device
     head.weight = nn.Parameter(torch.empty(rows, dim, dtype=torch.int8, device=dev), requires_grad=False)
     head.weight_scale = nn.Parameter(torch.empty(rows, device=dev), requires_grad=False)
+
+
+class Fp8Method:
+    name = "fp8"
+
+    def apply(self, layer: LinearBase, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # [T, K]
+        y = fp8.fp8_linear(x2, layer.weight, layer.weight_scale, _bias(layer), _kernels(x2))  # [T, N]
+        return y.reshape(*x.shape[:-1], -1)
 
 
 class W8A8Method:
@@ -295,12 +306,14 @@ def quantize_model(model: nn.Module, mode: str, act_scales=None, smooth_alpha: f
         raise ValueError("act_quant='static' needs calibration statistics (act_scales)")
     scales = {canonical_key(k): v for k, v in (scales or {}).items()}
     amax = {canonical_key(k): v for k, v in (amax or {}).items()}
+    if mode == "fp8":
+        fp8.check_device(next(model.parameters()).device)
     for key, lin in decoder_linears(model):
-        q, w_scale = quantize_weight(lin.weight)
+        q, w_scale = (fp8.quantize_weight if mode == "fp8" else quantize_weight)(lin.weight)
         lin.weight = nn.Parameter(q, requires_grad=False)
         lin.weight_scale = nn.Parameter(w_scale.to(q.device), requires_grad=False)
-        if mode == "int8-wo":
-            lin.quant_method = Int8WeightOnlyMethod()
+        if mode in ("int8-wo", "fp8"):
+            lin.quant_method = Int8WeightOnlyMethod() if mode == "int8-wo" else Fp8Method()
             continue
         if key.endswith("o_proj") and not hasattr(lin, "smooth_scale"):
             lin.smooth_scale = nn.Parameter(torch.ones(lin.in_features, device=q.device), requires_grad=False)
@@ -330,13 +343,14 @@ def prepare_quantized_model(model: nn.Module, mode: str, *, act_quant: str = "dy
     """Allocate empty int8 parameters (and methods) so that a quantized state_dict loads strictly.
     lm_head: the build quantized the LM head too (engine manifests say so; older builds did not)."""
     _check_mode(mode, act_quant)
+    dtype = fp8.FP8 if mode == "fp8" else torch.int8
     for key, lin in decoder_linears(model):
         dev = lin.weight.device
-        lin.weight = nn.Parameter(torch.empty(lin.out_features, lin.in_features, dtype=torch.int8, device=dev),
+        lin.weight = nn.Parameter(torch.empty(lin.out_features, lin.in_features, dtype=dtype, device=dev),
                                   requires_grad=False)
         lin.weight_scale = nn.Parameter(torch.empty(lin.out_features, device=dev), requires_grad=False)
-        if mode == "int8-wo":
-            lin.quant_method = Int8WeightOnlyMethod()
+        if mode in ("int8-wo", "fp8"):
+            lin.quant_method = Int8WeightOnlyMethod() if mode == "int8-wo" else Fp8Method()
             continue
         if key.endswith("o_proj"):
             lin.smooth_scale = nn.Parameter(torch.ones(lin.in_features, device=dev), requires_grad=False)

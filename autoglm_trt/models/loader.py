@@ -148,7 +148,7 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
 
 
 def apply_quantization(model, quant: str, calib_dir: str | None, act_quant: str = "dynamic") -> None:
-    """Quantize a freshly loaded (already sharded) model in place: "none", "int8-wo" or "w8a8"."""
+    """Quantize a freshly loaded (already sharded) model in place: "none", "int8-wo", "w8a8" or "fp8"."""
     if quant == "none" or getattr(model, "quant_config", None):  # engine dirs come pre-quantized
         return
     from autoglm_trt.calibration.cache import load_calibration

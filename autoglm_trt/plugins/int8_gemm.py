@@ -201,7 +201,7 @@ def w8a8_matmul_int_mm(xq: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, 
 # ---- per-token activation quantization ----------------------------------------------------------
 @triton.jit
 def _quant_rows_kernel(x_ptr, mul_ptr, static_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
-                       HAS_MUL: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):
+                       HAS_MUL: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < K
@@ -210,19 +210,26 @@ def _quant_rows_kernel(x_ptr, mul_ptr, static_ptr, q_ptr, s_ptr, K, stride_x, st
         x = x * tl.load(mul_ptr + offs, mask=mask, other=0.0)
     if STATIC:
         scale = tl.load(static_ptr)
+    elif FP8:
+        scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), 448.0)
     else:
         scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-8), 127.0)
-    q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -128.0), 127.0)  # IEEE division, saturate like ONNX
-    q = (q + _RNE) - _RNE  # round half to even
-    tl.store(q_ptr + row * stride_q + offs, q.to(tl.int8), mask=mask)
+    if FP8:  # e4m3, round to nearest even, within +-448
+        q8 = tl.minimum(tl.maximum(tl.div_rn(x, scale), -448.0), 448.0).to(q_ptr.dtype.element_ty)
+        tl.store(q_ptr + row * stride_q + offs, q8, mask=mask)
+    else:
+        q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -128.0), 127.0)  # IEEE division, saturate like ONNX
+        q = (q + _RNE) - _RNE  # round half to even
+        tl.store(q_ptr + row * stride_q + offs, q.to(tl.int8), mask=mask)
     tl.store(s_ptr + row, scale)
 
 
-def quantize_per_token(x: Tensor, mul: Tensor | None = None,
-                       static_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """x [M, K] -> (int8 [M, K], fp32 scale [M]); scale = amax(|x * mul|) / 127 per row, or the static one."""
+def quantize_per_token(x: Tensor, mul: Tensor | None = None, static_scale: Tensor | None = None,
+                       fp8: bool = False) -> tuple[Tensor, Tensor]:
+    """x [M, K] -> (int8 [M, K], fp32 scale [M]); scale = amax(|x * mul|) / 127 per row, or the static one.
+    fp8: float8_e4m3fn values and amax / 448 instead (layers/fp8.py)."""
     m, k = x.shape
-    q = torch.empty((m, k), device=x.device, dtype=torch.int8)
+    q = torch.empty((m, k), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     s = torch.empty((m,), device=x.device, dtype=torch.float32)
     if m == 0:
         return q, s
@@ -231,7 +238,7 @@ def quantize_per_token(x: Tensor, mul: Tensor | None = None,
     dummy = s  # NOTE: valid pointer for the disabled options
     _quant_rows_kernel[(m,)](x, mul if mul is not None else dummy, static_scale if static_scale is not None else dummy,
                              q, s, k, x.stride(0), q.stride(0), mul is not None, static_scale is not None, block,
-                             num_warps=warps)
+                             fp8, num_warps=warps)
     return q, s
 
 

@@ -1,6 +1,6 @@
 """Triton GEMV for decode (M = 1..8 rows): y[M, N] = x[M, K] @ W[N, K]^T (* scale[N]) (+ bias[N]).
 
-W is bf16 / fp16 / fp32, or int8 with one fp32 scale per output channel. Decode is memory-bound: the
+W is bf16 / fp16 / fp32, or int8 / float8_e4m3fn with one fp32 scale per output channel. Decode is memory-bound: the
 weight bytes are the whole cost, so there is no tl.dot (batch 1 would pad M to 16 rows of mma) and no
 split-K (its reduce launch or memset costs more than it saves here). One launch: each program owns
 BLOCK_N output channels (few, so N / BLOCK_N programs fill every SM several times over) and walks all
@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+_ONE_BYTE = (torch.int8, torch.float8_e4m3fn)  # W with a per-channel scale
 MAX_BLOCK_M = 8  # rows of x per program; larger M runs ceil(M / 8) programs per channel tile (W re-read)
 REDUCE = ("step", "vec", "end")
 I8_CVT = ("prmt", "magic", "cvt")
@@ -92,7 +93,8 @@ TABLE: dict[tuple[str, int, int, int, bool], GemvConfig] = {}
 
 
 def weight_kind(dtype: torch.dtype) -> str:
-    return "int8" if dtype == torch.int8 else "w32" if dtype == torch.float32 else "w16"
+    """Launch-config family of a weight dtype: 1-byte (int8 and fp8 share the int8 configs), 16- or 32-bit."""
+    return "int8" if dtype in _ONE_BYTE else "w32" if dtype == torch.float32 else "w16"
 
 
 def block_m_for(m: int) -> int:
@@ -187,7 +189,7 @@ def _step(a0, a1, a2, a3, a4, a5, a6, a7, x_ptr, r0, r1, r2, r3, r4, r5, r6, r7,
           SILU_MUL: tl.constexpr, W_CVT: tl.constexpr, REDUCE: tl.constexpr, BLOCK_M: tl.constexpr):
     """One BLOCK_K step for every row: w_rows [BN, 1, 1] pointers, ks [BN, BK/V, V] offsets, r* x row offsets."""
     if MASKED:  # NOTE: W streams through once: first out of L2
-        w = tl.load(w_rows + ks, mask=ks < K, other=0, eviction_policy="evict_first")
+        w = tl.load(w_rows + ks, mask=ks < K, other=0.0, eviction_policy="evict_first")
     else:
         w = tl.load(w_rows + ks, eviction_policy="evict_first")
     wf = _w_f32(w, W_CVT)  # [BN, BK/V, V] fp32
@@ -285,8 +287,8 @@ def _check(x: Tensor, w: Tensor, scale: Tensor | None, bias: Tensor | None, silu
         raise ValueError(f"x has {x.shape[1]} columns for w's K={k}" + (" (silu_mul: x is [M, 2K])" if silu_mul else ""))
     if x.stride(1) != 1 or w.stride(1) != 1:
         raise ValueError("x and w must be contiguous along K")
-    if w.dtype == torch.int8 and (scale is None or scale.dtype != torch.float32):
-        raise ValueError("int8 w needs a float32 per-channel scale [N]")
+    if w.dtype in _ONE_BYTE and (scale is None or scale.dtype != torch.float32):
+        raise ValueError(f"{w.dtype} w needs a float32 per-channel scale [N]")
     for name, t in (("scale", scale), ("bias", bias)):
         if t is not None and (t.numel() != n or not t.is_contiguous()):
             raise ValueError(f"{name} must be contiguous [N={n}], got {tuple(t.shape)}")
@@ -304,7 +306,7 @@ def gemv(x: Tensor, w: Tensor, scale: Tensor | None = None, bias: Tensor | None 
          config: GemvConfig | None = None) -> Tensor:
     """x [M, K] (or [M, 2K] = [gate | up] with silu_mul) @ w [N, K]^T (* scale [N]) (+ bias [N]) -> [M, N], x's dtype.
 
-    w: bf16 / fp16 / fp32, or int8 with a float32 scale per output channel. fp32 accumulation, one rounding.
+    w: bf16 / fp16 / fp32, or int8 / float8_e4m3fn with a float32 scale per output channel. fp32 accumulation, one rounding.
     """
     _check(x, w, scale, bias, silu_mul)
     (m, n), k = (x.shape[0], w.shape[0]), w.shape[1]

@@ -31,6 +31,8 @@ from autoglm_trt.errors import UserError
 from autoglm_trt.processing.pixels import PixelSpec, cpu_pixels, device_ok, device_pixels
 from autoglm_trt.processing.tokenizer import read_json
 
+SOURCE_DIGEST = "autoglm_source_sha256"  # image.info key: sha256 hex of the encoded bytes it came from
+
 MAX_ASPECT_RATIO = 200  # transformers' smart_resize refuses longer/shorter side above this
 
 
@@ -121,11 +123,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def image_hash(rgb: np.ndarray, grid_thw: tuple[int, int, int]) -> str:
-    """sha256 of the image's size, its patch grid and its RGB bytes ([H, W, 3] uint8)."""
+def image_hash(rgb: np.ndarray, grid_thw: tuple[int, int, int], source: str | None = None) -> str:
+    """sha256 of the image's size, its patch grid and its RGB bytes ([H, W, 3] uint8), or of the size, grid
+    and `source`: the sha256 of the encoded file it was decoded from (image.info[SOURCE_DIGEST], set by the
+    server), which names the same pixels for a fraction of the bytes."""
     h = hashlib.sha256()
     h.update(f"rgb:{rgb.shape[0]}x{rgb.shape[1]};grid:{grid_thw}\n".encode())
-    h.update(np.ascontiguousarray(rgb).data)
+    h.update(f"source:{source}".encode() if source else np.ascontiguousarray(rgb).data)
     return h.hexdigest()
 
 
@@ -195,7 +199,7 @@ class ImageProcessor:
         grid = (1, h // self.patch_size, w // self.patch_size)
         array = np.array(rgb)  # [H, W, 3] uint8 (a writable copy: torch shares it)
         out = ImageInput(rgb=torch.from_numpy(array), resized=(h, w), spec=self.spec, grid_thw=grid,
-                         content_hash=image_hash(array, grid), num_tokens=grid[1] * grid[2] // self.merge_size ** 2)
+                         content_hash=image_hash(array, grid, image.info.get(SOURCE_DIGEST)), num_tokens=grid[1] * grid[2] // self.merge_size ** 2)
         if self.pixels_in_preprocess or not device_ok(out.rgb, out.resized):
             out.pixel_values  # noqa: B018 - computed here, cached on the image
         return out

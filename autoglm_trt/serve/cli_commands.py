@@ -57,6 +57,9 @@ def serve_cmd(
     seed: int = typer.Option(0, help="engine seed"),
     image_preprocess_device: str = typer.Option("auto", help="auto: resize/normalize images on the engine's GPU "
                                                 "(~1 ms, within a grey level of transformers) | cpu: transformers' exact numbers"),
+    quantization: Optional[str] = typer.Option(None, "--quantization", "--quant",
+                                               help="quantize a checkpoint at load: int8-wo | w8a8 | fp8 (e4m3 "
+                                               "weights + activations, Ada/Hopper; vLLM's --quantization fp8)"),
     log_requests: bool = typer.Option(False, help="log every HTTP request"),
 ) -> None:
     """Serve the model: OpenAI API over HTTP and KServe v2 over gRPC (/health is 503 until loaded)."""
@@ -66,6 +69,8 @@ def serve_cmd(
 
     if image_preprocess_device not in ("auto", "cpu"):
         raise UserError(f"--image-preprocess-device must be auto or cpu, got {image_preprocess_device!r}")
+    if quantization not in (None, "none", "int8-wo", "w8a8", "fp8"):
+        raise UserError(f"--quantization must be none, int8-wo, w8a8 or fp8, got {quantization!r}")
     mm = _json_option(mm_processor_kwargs, "--mm-processor-kwargs")
     limits = _json_option(limit_mm_per_prompt, "--limit-mm-per-prompt")
     try:
@@ -83,7 +88,7 @@ def serve_cmd(
                       gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tp,
                       num_kv_blocks=num_kv_blocks, block_size=block_size, dtype=dtype, device=device,
                       enforce_eager=enforce_eager, enable_prefix_caching=prefix_caching, seed=seed,
-                      image_preprocess_device=image_preprocess_device)
+                      image_preprocess_device=image_preprocess_device, quant=quantization)
     run_server(config, args)
 
 

@@ -26,6 +26,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     seed: int = 0
     image_preprocess_device: str = "auto"
+    quant: str | None = None  # none | int8-wo | w8a8 | fp8 at load (a checkpoint); None: the engine dir's own
 
 
 @dataclass
@@ -43,7 +44,7 @@ def engine_config(args: EngineArgs) -> Any:
     optional = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
                 "max_num_batched_tokens": args.max_num_batched_tokens,
                 "gpu_memory_utilization": args.gpu_memory_utilization, "num_blocks": args.num_kv_blocks,
-                "block_size": args.block_size}
+                "block_size": args.block_size, "quant": args.quant}
     kwargs = {k: v for k, v in optional.items() if v is not None}
     return engine_config_from_kwargs(args.model_dir, dtype=args.dtype, device=args.device,
                                      enforce_eager=args.enforce_eager, seed=args.seed,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import urllib.parse
 import urllib.request
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from autoglm_trt.processing.image_processor import SOURCE_DIGEST
 from autoglm_trt.serve.errors import ServeError
 
 ALLOWED_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
@@ -38,7 +40,7 @@ def _bad(message: str, index: int | None = None) -> ServeError:
 
 
 def load_image(url: str, policy: MediaPolicy, index: int | None = None) -> Image.Image:
-    """Resolve one image URL to a decoded RGB PIL image (raises a 400 ServeError)."""
+    """Resolve one image URL to a decoded PIL image (raises a 400 ServeError)."""
     if not isinstance(url, str) or not url:
         raise _bad("image_url.url must be a non-empty string", index)
     scheme = url.split(":", 1)[0].lower() if ":" in url[:12] else ""
@@ -108,7 +110,7 @@ def _read_remote(url: str, policy: MediaPolicy, index: int | None) -> bytes:
 
 
 def decode_image(data: bytes, policy: MediaPolicy, index: int | None = None) -> Image.Image:
-    """Decode PNG/JPEG/WEBP bytes to RGB, refusing what is not an image or decodes too large."""
+    """Decode PNG/JPEG/WEBP bytes (any mode), refusing what is not an image or decodes too large."""
     if len(data) > policy.max_image_bytes:
         raise _bad(f"image is larger than {policy.max_image_bytes} bytes", index)
     try:
@@ -126,7 +128,10 @@ def decode_image(data: bytes, policy: MediaPolicy, index: int | None = None) -> 
             if w < 1 or h < 1:
                 raise _bad(f"image has an empty size {w}x{h}", index)
             img.load()
-            return img.convert("RGB")
+            # NOTE: the mode stays: the processor composites transparency onto white as transformers does (a
+            # convert("RGB") here dropped alpha, and copied an RGB screenshot for nothing)
+            img.info[SOURCE_DIGEST] = hashlib.sha256(data).hexdigest()  # the image's identity, 5x less to hash
+            return img
     except ServeError:
         raise
     except Image.DecompressionBombError as exc:

@@ -35,14 +35,15 @@ def _logits(model) -> torch.Tensor:
         return model.compute_logits(model(model.embed(ids), pos))
 
 
-@pytest.mark.parametrize("mode", ["int8-wo", "w8a8"])
+@pytest.mark.parametrize("mode", ["int8-wo", "w8a8", "fp8"])
 def test_int8_round_trip_equals_in_memory_quantization(build_engine_dir, tiny_model_dir, mode):
     result = build_engine_dir(f"q-{mode}", quant=mode)
     assert read_manifest(result.engine_dir).quantization["mode"] == mode
     engine = load_model(result.engine_dir, dtype="float32", show_progress=False)
     ref = load_model(tiny_model_dir, dtype="float32", show_progress=False)
     quant.quantize_model(ref, mode)
-    assert engine.language_model.layers[1].mlp.down_proj.weight.dtype == torch.int8
+    want = torch.float8_e4m3fn if mode == "fp8" else torch.int8
+    assert engine.language_model.layers[1].mlp.down_proj.weight.dtype == want
     assert torch.equal(_logits(engine), _logits(ref))
 
 

@@ -10,7 +10,7 @@ from autoglm_trt.engine.sampling_params import SamplingParams
 PROMPTS = ["Open the settings app", "打开微信，给妈妈发消息", "scroll down and tap the third item"]
 
 
-@pytest.mark.parametrize("quant", ["int8-wo", "w8a8"])
+@pytest.mark.parametrize("quant", ["int8-wo", "w8a8", "fp8"])
 def test_quantized_engine_tracks_float(tiny_model_dir, quant):
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     kw = dict(device="cpu", dtype="float32", max_model_len=512, num_blocks=64)

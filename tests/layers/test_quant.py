@@ -96,6 +96,7 @@ def channel_amax(m, batch) -> dict[str, torch.Tensor]:
     ("w8a8", {}, 0.05, 0.8),
     ("w8a8", {"smooth": True}, 0.05, 0.8),
     ("w8a8", {"smooth": True, "act_quant": "static"}, 0.06, 0.8),
+    ("fp8", {}, 0.09, 0.7),  # e4m3: 3 mantissa bits on weights and activations
 ])
 def test_quantized_tiny_model_close_to_float(model, batch, mode, kw, max_rel, min_top1) -> None:
     ref = logits(model, batch)
@@ -107,7 +108,8 @@ def test_quantized_tiny_model_close_to_float(model, batch, mode, kw, max_rel, mi
     assert float((out.argmax(-1) == ref.argmax(-1)).float().mean()) >= min_top1
     assert m.quant_config["mode"] == mode
     lin = m.language_model.layers[0].mlp.down_proj
-    assert lin.weight.dtype == torch.int8 and lin.weight_scale.dtype == torch.float32
+    want = torch.float8_e4m3fn if mode == "fp8" else torch.int8
+    assert lin.weight.dtype == want and lin.weight_scale.dtype == torch.float32
     assert m.lm_head.weight.dtype == torch.int8 and m.lm_head.weight_scale.shape == (m.lm_head.weight.shape[0],)
     assert m.visual.blocks[0].attn.qkv.weight.dtype == torch.float32 and m.quant_config["lm_head"] == "int8"
 
@@ -140,7 +142,8 @@ def test_smoothing_leaves_the_float_function_unchanged(model, batch) -> None:
     assert float((logits(m, batch) - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("mode,act_quant", [("int8-wo", "dynamic"), ("w8a8", "dynamic"), ("w8a8", "static")])
+@pytest.mark.parametrize("mode,act_quant", [("int8-wo", "dynamic"), ("w8a8", "dynamic"), ("w8a8", "static"),
+                                             ("fp8", "dynamic")])
 def test_state_dict_round_trip(model, batch, tiny_model_dir, mode, act_quant) -> None:
     from autoglm_trt.models.loader import load_model
 
@@ -267,7 +270,35 @@ def aot_rows() -> list[dict]:
         rows.append({"name": f"{'w8a8' if act else 'w8a16'}-{m}x{n}x{k}",
                      "stack": _stack_bytes(kernel.asm["cubin"]), "smem": kernel.metadata.shared,
                      "mma": "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"})
-    return rows
+    return rows + fp8_aot_rows()
+
+
+def fp8_aot_rows() -> list[dict]:
+    """The fp8 mode's own kernels for sm_90: the per-token e4m3 quantizer and the GEMV on e4m3 weights."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from autoglm_trt.plugins import int8_gemm as G
+    from autoglm_trt.plugins import triton_gemv as V
+
+    def build(fn, consts, ptrs, warps):
+        sig = {a: "constexpr" if a in consts else ptrs.get(a, "*bf16") if a.endswith("_ptr") else "i32"
+               for a in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a not in consts}
+        return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": 1})
+
+    quant = build(G._quant_rows_kernel, {"HAS_MUL": False, "STATIC": False, "BLOCK": 16384, "FP8": True},
+                  {"q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "mul_ptr": "*fp32", "static_ptr": "*fp32"}, 16)
+    cfg = V.gemv_config(1, 4096, 13696, torch.float8_e4m3fn)
+    gemv = build(V._gemv_kernel, {"HAS_SCALE": True, "HAS_BIAS": False, "SILU_MUL": False, "W_CVT": 0, "REDUCE":
+                                  V.REDUCE.index(cfg.reduce), "BLOCK_M": 1, "BLOCK_N": cfg.block_n, "BLOCK_K":
+                                  cfg.block_k, "VEC": 16, "NUM_STAGES": 1, "M": 1},
+                 {"w_ptr": "*fp8e4nv", "s_ptr": "*fp32"}, cfg.num_warps)
+    return [{"name": name, "stack": _stack_bytes(k.asm["cubin"]), "smem": k.metadata.shared,
+             "cvt": "cvt.rn.satfinite.e4m3x2" in k.asm["ptx"] or "e4m3x2" in k.asm["ptx"]}
+            for name, k in (("fp8-quant-rows", quant), ("fp8-gemv", gemv))]
 
 
 def _stack_bytes(cubin: bytes) -> int:
@@ -290,11 +321,49 @@ def _stack_bytes(cubin: bytes) -> int:
 @needs_triton
 def test_kernels_compile_for_sm90_without_spills() -> None:
     rows = _script("aot", 500)
-    assert len(rows) == 7 and all(r["stack"] == 0 for r in rows), rows
+    assert len(rows) == 9 and all(r["stack"] == 0 for r in rows), rows
+    assert all(r["cvt"] for r in rows if r["name"].startswith("fp8")), rows  # e4m3 converted in hardware
     assert all(r["mma"] == "wgmma" for r in rows if "-512x" in r["name"]), rows
 
 
+def test_fp8_reference_quantizes_rows_and_channels_to_e4m3() -> None:
+    from autoglm_trt.layers import fp8
+
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 64) * 0.02, torch.randn(5, 64) * 3
+    q, s = fp8.quantize_weight(w)
+    assert q.dtype == torch.float8_e4m3fn and torch.allclose(q.float().abs().amax(1), torch.full((48,), 448.0))
+    assert float((q.float() * s[:, None] - w).abs().max()) <= float(w.abs().max()) / 16  # 3 mantissa bits
+    xq, xs = fp8.quantize_rows_reference(x)
+    assert torch.allclose(xs, x.abs().amax(1) / 448) and float(xq.float().abs().max()) == 448.0
+    y = fp8.fp8_linear(x, q, s, torch.ones(48), None)
+    assert torch.equal(y, fp8.fp8_reference(x, q, s, torch.ones(48)))
+    assert rel_err(y, x @ w.t() + 1) < 0.05
+
+
 # ---- GPU -------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8, 9, 300])
+def test_gpu_fp8_linear_at_9b_shapes(m) -> None:
+    from autoglm_trt.layers import fp8
+    from autoglm_trt.plugins import int8_gemm as G
+
+    if torch.cuda.get_device_capability() < fp8.MIN_CAPABILITY:
+        pytest.skip("no FP8 tensor cores")
+    torch.manual_seed(0)
+    for n, k in ((4608, 4096), (4096, 13696)):
+        x, w = torch.randn(m, k, device="cuda").bfloat16(), torch.randn(n, k, device="cuda") * 0.02
+        b = torch.randn(n, device="cuda").bfloat16()
+        q, s = fp8.quantize_weight(w)
+        xq, xs = G.quantize_per_token(x, fp8=True)
+        rq, rs = fp8.quantize_rows_reference(x)
+        assert torch.equal(xq.float(), rq.float()) and float((xs - rs).abs().max()) < 1e-6
+        y = fp8.fp8_linear(x, q, s, b, G)  # m <= 8: the GEMV on bf16 x; else per-token FP8 on the tensor cores
+        ref = fp8.fp8_reference(x, q, s, b) if m > fp8.GEMV_ROWS else Q.w8a16_reference(x, q, s, b)
+        assert rel_err(y, ref) < 1e-2 and rel_err(y, (x.float() @ w.t() + b.float())) < 0.06
+
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 2, 8, 33, 64, 300])
 @pytest.mark.parametrize("n,k", [(4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import struct
 import zlib
@@ -39,10 +40,22 @@ def test_data_urls_of_each_format(fmt, mime):
     assert img.size == (40, 30) and img.mode == "RGB"
 
 
-def test_rgba_and_palette_images_become_rgb():
+def test_rgba_keeps_its_alpha_for_the_processor_and_the_source_names_the_image():
+    from autoglm_trt.processing.image_processor import SOURCE_DIGEST, ImageProcessor
+
     buf = io.BytesIO()
-    Image.new("RGBA", (5, 5), (1, 2, 3, 4)).save(buf, "PNG")
-    assert load_image(data_url(buf.getvalue()), MediaPolicy()).mode == "RGB"
+    Image.new("RGBA", (224, 224), (200, 100, 0, 0)).save(buf, "PNG")  # fully transparent
+    img = load_image(data_url(buf.getvalue()), MediaPolicy())
+    assert img.mode == "RGBA" and img.info[SOURCE_DIGEST] == hashlib.sha256(buf.getvalue()).hexdigest()
+    out = ImageProcessor().preprocess(img)
+    assert (out.rgb == 255).all()  # composited onto white, as transformers does; alpha dropped would be orange
+    again = ImageProcessor().preprocess(load_image(data_url(buf.getvalue()), MediaPolicy()))
+    other = io.BytesIO()
+    Image.new("RGBA", (224, 224), (200, 100, 1, 0)).save(other, "PNG")
+    third = ImageProcessor().preprocess(load_image(data_url(other.getvalue()), MediaPolicy()))
+    assert again.content_hash == out.content_hash != third.content_hash
+    smaller = ImageProcessor().preprocess(img, max_pixels=2 * 112 * 112)
+    assert smaller.grid_thw != out.grid_thw and smaller.content_hash != out.content_hash
 
 
 def test_bad_data_urls():

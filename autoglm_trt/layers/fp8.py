@@ -1,0 +1,66 @@
+"""FP8 (e4m3) for the decoder linears: the "fp8" quant mode, as vLLM's `--quantization fp8` does it.
+
+Weights: float8_e4m3fn [N, K] with one fp32 scale per output channel (amax / 448), quantized once at load.
+Activations: per token, dynamic (amax / 448 per row, one Triton pass), and the product on the FP8 tensor
+cores through `torch._scaled_mm` (row-wise scales, bf16 out; Hopper and Ada: compute capability >= 8.9).
+Decode steps of at most 8 rows are memory-bound: they take the Triton GEMV with the fp8 weights and bf16
+activations instead (the weight bytes are the cost, half of bf16's), as W8A16 does for int8.
+The CPU reference (fake-quantized activations, dequantized weights, fp32 matmul) is the test oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from autoglm_trt.errors import UserError
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+GEMV_ROWS = 8  # at most this many rows -> the weight-only GEMV (plugins/triton_gemv.MAX_BLOCK_M)
+MIN_CAPABILITY = (8, 9)
+_EPS = 1e-12
+
+
+def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w [N, K] -> (float8_e4m3fn [N, K], fp32 scale [N]): symmetric per output channel, scale = amax / 448."""
+    scale = w.detach().float().abs().amax(dim=1).clamp(min=_EPS) / FP8_MAX  # [N]
+    q = (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def quantize_rows_reference(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [M, K] -> (float8_e4m3fn [M, K], fp32 scale [M]): what plugins.int8_gemm.quantize_per_token(fp8=True) does."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=1).clamp(min=_EPS) / FP8_MAX  # [M]
+    return (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_reference(x: Tensor, q: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [M, K] (quantized per row here) @ (q [N, K] * w_scale [N])^T (+ bias), fp32 math -> x's dtype."""
+    xq, xs = quantize_rows_reference(x)
+    y = (xq.float() @ q.float().t()) * xs[:, None] * w_scale.float()[None, :]  # [M, N]
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def check_device(device: torch.device) -> None:
+    """FP8 tensor cores or the CPU reference; anything else is refused before the weights are touched."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        raise UserError(f"--quant fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper); {name} has "
+                        f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}. Use int8-wo or w8a8.")
+
+
+def fp8_linear(x: Tensor, q: Tensor, w_scale: Tensor, bias: Tensor | None, kernels) -> Tensor:
+    """x [M, K] @ fp8 weights -> [M, N] in x's dtype; `kernels` is plugins.int8_gemm (None: the CPU reference)."""
+    if kernels is None:
+        return fp8_reference(x, q, w_scale, bias)
+    if x.shape[0] <= GEMV_ROWS and x.stride(1) == 1:
+        return kernels.gemv(x, q, w_scale, bias)
+    xq, xs = kernels.quantize_per_token(x, fp8=True)  # [M, K] fp8, [M] fp32
+    y = torch._scaled_mm(xq, q.t(), scale_a=xs[:, None], scale_b=w_scale[None, :], out_dtype=x.dtype)  # [M, N]
+    return y if bias is None else y.add_(bias)
+
+
+__all__ = ["FP8", "FP8_MAX", "check_device", "fp8_linear", "fp8_reference", "quantize_rows_reference",
+           "quantize_weight"]

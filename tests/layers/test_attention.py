@@ -1,0 +1,93 @@
+"""PagedAttention.attend_cached: a whole prompt goes through SDPA on K/V gathered back from the paged
+cache, everything else through plugins.paged_attention; both give the same attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autoglm_trt import plugins
+from autoglm_trt.layers.attention import PagedAttention, gather_kv, is_whole_prompt
+from autoglm_trt.layers.context import AttentionContext, reset_context, set_context
+
+
+def _setup(t: int, cached: int, device: str, dtype: torch.dtype, heads=8, kv_heads=2, dim=32, page=16):
+    """One sequence of `cached + t` tokens whose last t are this step's queries; K/V already in the cache."""
+    g = torch.Generator().manual_seed(t)
+    n = cached + t
+    blocks = -(-n // page)
+    table = torch.randperm(blocks + 5, generator=g)[:blocks].to(torch.int32)  # scattered pages
+    k_cache = torch.randn(blocks + 5, page, kv_heads, dim, generator=g).to(device, dtype)
+    v_cache = torch.randn(blocks + 5, page, kv_heads, dim, generator=g).to(device, dtype)
+    q = torch.randn(t, heads, dim, generator=g).to(device, dtype)
+    ctx = AttentionContext(
+        slot_mapping=torch.full((t,), -1, dtype=torch.int64, device=device),
+        cu_seqlens_q=torch.tensor([0, t], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
+        block_tables=table[None].to(device), max_seqlen_q=t, max_seqlen_k=n, is_decode=False,
+        kv_caches=[(k_cache, v_cache)])
+    return q, ctx, PagedAttention(0, heads, kv_heads, dim)
+
+
+def _paged(q, ctx, attn):
+    k_cache, v_cache = ctx.kv_caches[0]
+    return plugins.paged_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables,
+                                   ctx.max_seqlen_q, ctx.max_seqlen_k, attn.scale)
+
+
+def _attend(q, ctx, attn):
+    set_context(ctx)
+    try:
+        return attn.attend_cached(q)
+    finally:
+        reset_context()
+
+
+def test_gather_kv_reads_the_pages_in_table_order():
+    cache = torch.arange(6 * 4 * 1 * 2, dtype=torch.float32).view(6, 4, 1, 2)  # [blocks, page, kvH, D]
+    table = torch.tensor([5, 0, 3, -1], dtype=torch.int32)
+    got = gather_kv(cache, table, 10)
+    want = torch.cat([cache[5], cache[0], cache[3]])[:10]
+    assert torch.equal(got, want) and got.shape == (10, 1, 2)
+
+
+@pytest.mark.parametrize("t", [1, 17, 80])
+def test_whole_prompt_through_sdpa_equals_the_paged_kernel(t):
+    q, ctx, attn = _setup(t, 0, "cpu", torch.float32)
+    assert is_whole_prompt(ctx)
+    got, want = _attend(q, ctx, attn), _paged(q, ctx, attn)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_hits_and_batches_keep_the_paged_kernel(monkeypatch):
+    q, ctx, attn = _setup(9, 20, "cpu", torch.float32)  # 20 tokens came from the prefix cache
+    assert not is_whole_prompt(ctx)
+    monkeypatch.setattr(PagedAttention, "_dense_prefill", lambda *a: pytest.fail("dense path taken"))
+    torch.testing.assert_close(_attend(q, ctx, attn), _paged(q, ctx, attn))
+    two = AttentionContext(ctx.slot_mapping, torch.tensor([0, 4, 9], dtype=torch.int32),
+                           torch.tensor([4, 5], dtype=torch.int32), ctx.block_tables.expand(2, -1), 5, 5, False)
+    assert not is_whole_prompt(two)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [700, 3814])
+def test_gpu_whole_prompt_matches_the_triton_kernel_at_9b_heads(t):
+    q, ctx, attn = _setup(t, 0, "cuda", torch.bfloat16, heads=32, kv_heads=2, dim=128)
+    got, want = _attend(q, ctx, attn), _paged(q, ctx, attn)
+    assert float((got.float() - want.float()).abs().max()) < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_preferred_sdpa_backend_matches_the_math_path_at_the_towers_shape():
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from autoglm_trt.layers.attention import SDPA_BACKENDS
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 12, 2100, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
+        got = F.scaled_dot_product_attention(q, k, v)
+    with sdpa_kernel([SDPBackend.MATH]):
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert float((got.float() - want).abs().max()) < 2e-2
