@@ -21,6 +21,15 @@ from autoglm_trt.layers.rotary import VisionRotaryEmbedding
 _GEOMETRY_CACHE = 4  # grids whose rotary tables and position embeddings stay on the device
 
 
+def _version(t: torch.Tensor) -> int:
+    """t's in-place write counter; -1 for inference tensors, which keep none (only weight loading writes the
+    position table, and that comes before any forward)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 def vision_position_ids(grid_thw: list[tuple[int, int, int]], merge: int) -> torch.Tensor:
     """(row, col) of each patch, laid out block-major over merge x merge blocks -> [N, 2] int64."""
     out = []
@@ -145,7 +154,7 @@ class Glm4vVisionModel(nn.Module):
         the per-patch index lists otherwise cost ~5 ms of CPU and GPU time per screenshot.
         """
         table = self.embeddings.position_embedding.weight
-        key = (tuple(map(tuple, grid_thw)), table.device, table.dtype, table.data_ptr(), table._version)
+        key = (tuple(map(tuple, grid_thw)), table.device, table.dtype, table.data_ptr(), _version(table))
         hit = self._geometry.get(key)
         if hit is None:
             hw = vision_position_ids(grid_thw, self.cfg.spatial_merge_size).to(table.device)  # [N, 2]

@@ -67,3 +67,19 @@ def test_checkpoint_loads_in_transformers(tiny_model_dir, hf_model):
     assert len(set(index["weight_map"].values())) >= 2, "tiny checkpoint should be sharded"
     missing = [n for n, p in hf_model.named_parameters() if n not in index["weight_map"]]
     assert not missing
+
+
+def test_vision_geometry_is_kept_per_grid_and_follows_the_weights(our_model):
+    import copy
+
+    visual = copy.deepcopy(our_model.visual)
+    grids = [(1, 4, 6)]
+    first = visual.geometry(grids)
+    assert visual.geometry(grids) is first and visual.geometry([(1, 6, 4)]) is not first
+    with torch.no_grad():
+        visual.embeddings.position_embedding.weight.mul_(2)  # an in-place write (a weight load) drops the entry
+    again = visual.geometry(grids)
+    assert again is not first and torch.allclose(again[2], 2 * first[2]) and torch.equal(again[0], first[0])
+    for i in range(6):
+        visual.geometry([(1, 2, 2 + 2 * i)])
+    assert len(visual._geometry) <= 4
