@@ -18,6 +18,11 @@ class RMSNorm(nn.Module):
         return plugins.rms_norm(x, self.weight, self.eps)
 
 
+def add_norm(x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm):
+    """The pre-norm junction: h = residual + x; returns (h, norm(h)) from one pass."""
+    return plugins.norm_add_norm(x, residual, None, norm.weight, norm.eps)
+
+
 def norm_add_norm(x: torch.Tensor, residual: torch.Tensor, norm_a: RMSNorm, norm_b: RMSNorm):
     """The sandwich-norm junction: h = residual + norm_a(x); returns (h, norm_b(h))."""
     return plugins.norm_add_norm(x, residual, norm_a.weight, norm_b.weight, norm_a.eps)

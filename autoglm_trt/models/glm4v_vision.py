@@ -14,7 +14,7 @@ from torch.nn.attention import sdpa_kernel
 from autoglm_trt import plugins
 from autoglm_trt.config import VisionConfig
 from autoglm_trt.layers.attention import SDPA_BACKENDS
-from autoglm_trt.layers.norm import RMSNorm
+from autoglm_trt.layers.norm import RMSNorm, add_norm
 from autoglm_trt.layers.rotary import VisionRotaryEmbedding
 
 
@@ -94,7 +94,7 @@ class Glm4vVisionMlp(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(plugins.silu_mul(self.gate_proj(x), self.up_proj(x)))  # [N, C] -> [N, H] -> [N, C]
 
 
 class Glm4vVisionBlock(nn.Module):
@@ -106,9 +106,10 @@ class Glm4vVisionBlock(nn.Module):
         # NOTE: transformers sizes the block MLP by out_hidden_size, not intermediate_size.
         self.mlp = Glm4vVisionMlp(cfg.hidden_size, cfg.out_hidden_size)
 
-    def forward(self, x, cos, sin, lengths):
-        x = x + self.attn(self.norm1(x), cos, sin, lengths)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, normed, next_norm: RMSNorm, cos, sin, lengths):
+        """x: the residual stream, normed = norm1(x) -> (x out, next_norm(x out)); each add fused with its norm."""
+        x, normed = add_norm(self.attn(normed, cos, sin, lengths), x, self.norm2)
+        return add_norm(self.mlp(normed), x, next_norm)
 
 
 class Glm4vVisionPatchMerger(nn.Module):
@@ -173,9 +174,12 @@ class Glm4vVisionModel(nn.Module):
         cos, sin, pos = self.geometry(grid_thw)  # [N, head_dim] fp32 x 2, [N, C_v]
         x = x + pos
         lengths = [h * w for t, h, w in grid_thw for _ in range(t)]
-        for block in self.blocks:
-            x = block(x, cos, sin, lengths)
-        x = self.post_layernorm(x)
+        blocks = list(self.blocks)
+        normed = blocks[0].norm1(x) if blocks else self.post_layernorm(x)
+        for i, block in enumerate(blocks):
+            x, normed = block(x, normed, blocks[i + 1].norm1 if i + 1 < len(blocks) else self.post_layernorm,
+                              cos, sin, lengths)
+        x = normed  # post_layernorm(x)
         x = x.view(-1, m, m, c.hidden_size).permute(0, 3, 1, 2)  # [N/m^2, C_v, m, m]
         x = self.downsample(x).view(-1, c.out_hidden_size)
         return self.merger(x)

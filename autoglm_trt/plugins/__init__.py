@@ -80,9 +80,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def norm_add_norm(
-    x: Tensor, residual: Tensor, w_a: Tensor, w_b: Tensor, eps: float
+    x: Tensor, residual: Tensor, w_a: Tensor | None, w_b: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
-    """h = residual + rms_norm(x, w_a); y = rms_norm(h, w_b). Returns (h, y)."""
+    """h = residual + rms_norm(x, w_a) (residual + x when w_a is None); y = rms_norm(h, w_b). Returns (h, y)."""
     return _impl("triton_norm", x).norm_add_norm(x, residual, w_a, w_b, eps)
 
 
@@ -107,9 +107,9 @@ def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, w, bias)
 
 
-def silu_mul(x: Tensor) -> Tensor:
-    """x `[T, 2I]` = [gate | up] -> silu(gate) * up `[T, I]`."""
-    return _impl("triton_fused", x).silu_mul(x)
+def silu_mul(x: Tensor, up: Tensor | None = None) -> Tensor:
+    """x `[T, 2I]` = [gate | up] (or x = gate and `up`, both `[T, I]`) -> silu(gate) * up `[T, I]`."""
+    return _impl("triton_fused", x).silu_mul(x, up)
 
 
 def vision_rope_(qkv: Tensor, cos: Tensor, sin: Tensor) -> None:

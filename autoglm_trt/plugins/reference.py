@@ -152,10 +152,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def norm_add_norm(
-    x: Tensor, residual: Tensor, w_a: Tensor, w_b: Tensor, eps: float
+    x: Tensor, residual: Tensor, w_a: Tensor | None, w_b: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
-    """The sandwich-norm junction: h = residual + rms_norm(x, w_a); y = rms_norm(h, w_b)."""
-    h = residual + rms_norm(x, w_a, eps)  # [T, N] in the input dtype, as HF rounds it
+    """The sandwich-norm junction: h = residual + rms_norm(x, w_a) (+ x when w_a is None); y = rms_norm(h, w_b)."""
+    h = residual + (x if w_a is None else rms_norm(x, w_a, eps))  # [T, N] in the input dtype, as HF rounds it
     return h, rms_norm(h, w_b, eps)
 
 
@@ -182,9 +182,9 @@ def rope_qkv_store(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cac
     return q
 
 
-def silu_mul(x: Tensor) -> Tensor:
-    """x [T, 2I] = [gate | up] -> silu(gate) * up [T, I]."""
-    gate, up = x.chunk(2, dim=-1)
+def silu_mul(x: Tensor, up: Tensor | None = None) -> Tensor:
+    """x [T, 2I] = [gate | up] (or x = gate [T, I] and `up` [T, I]) -> silu(gate) * up [T, I]."""
+    gate, up = x.chunk(2, dim=-1) if up is None else (x, up)
     return torch.nn.functional.silu(gate) * up
 
 

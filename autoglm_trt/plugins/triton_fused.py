@@ -97,24 +97,26 @@ def rope_qkv_store(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cac
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, y_ptr, stride_x, stride_y, n_cols, BLOCK: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, stride_g, stride_u, stride_y, n_cols, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     y = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_mul(x: Tensor) -> Tensor:
-    """x [T, 2I] = [gate | up] -> silu(gate) * up [T, I]."""
-    t, two_i = x.shape
-    n = two_i // 2
+def silu_mul(x: Tensor, up: Tensor | None = None) -> Tensor:
+    """x [T, 2I] = [gate | up] (or x = gate [T, I] and `up` [T, I]) -> silu(gate) * up [T, I], one rounding."""
+    gate, up = (x, x[:, x.shape[1] // 2:]) if up is None else (x, _last_contiguous(up))
+    t, n = up.shape
+    gate = _last_contiguous(gate)
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t:
         block = 1024
-        _silu_mul_kernel[(t, triton.cdiv(n, block))](x, y, x.stride(0), y.stride(0), n, BLOCK=block, num_warps=4)
+        _silu_mul_kernel[(t, triton.cdiv(n, block))](gate, up, y, gate.stride(0), up.stride(0), y.stride(0), n,
+                                                     BLOCK=block, num_warps=4)
     return y
 
 

@@ -39,7 +39,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, n_cols, eps, BLOCK
 @triton.jit
 def _norm_add_norm_kernel(
     x_ptr, r_ptr, wa_ptr, wb_ptr, h_ptr, y_ptr, stride_x, stride_r, stride_h, stride_y,
-    n_cols, eps, BLOCK: tl.constexpr,
+    n_cols, eps, BLOCK: tl.constexpr, NORM_A: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -47,9 +47,11 @@ def _norm_add_norm_kernel(
     dtype = h_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)  # [N]
     r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)  # [N]
-    w_a = tl.load(wa_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     w_b = tl.load(wb_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    h = (r + _hf_rms_norm(x, w_a, n_cols, eps, dtype)).to(dtype)  # residual stream, rounded
+    if NORM_A:
+        w_a = tl.load(wa_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = _hf_rms_norm(x, w_a, n_cols, eps, dtype)
+    h = (r + x).to(dtype)  # residual stream, rounded
     tl.store(h_ptr + row * stride_h + offs, h, mask=mask)
     y = _hf_rms_norm(h.to(tl.float32), w_b, n_cols, eps, dtype)
     tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -84,10 +86,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, *, out: Tensor | None = None
 
 
 def norm_add_norm(
-    x: Tensor, residual: Tensor, w_a: Tensor, w_b: Tensor, eps: float, *,
+    x: Tensor, residual: Tensor, w_a: Tensor | None, w_b: Tensor, eps: float, *,
     out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """h = residual + rms_norm(x, w_a); y = rms_norm(h, w_b); one pass, both written.
+    """h = residual + rms_norm(x, w_a) (residual + x when w_a is None); y = rms_norm(h, w_b); one pass, both written.
 
     `out` = (h, y): optional contiguous results; h may alias residual (in-place residual update).
     """
@@ -102,7 +104,7 @@ def norm_add_norm(
     if x2.shape[0] > 0:
         block, warps = _launch_config(x2.shape[1])
         _norm_add_norm_kernel[(x2.shape[0],)](
-            x2, r2, w_a, w_b, h, y, x2.stride(0), r2.stride(0), h.stride(0), y.stride(0),
-            x2.shape[1], eps, BLOCK=block, num_warps=warps,
+            x2, r2, w_b if w_a is None else w_a, w_b, h, y, x2.stride(0), r2.stride(0), h.stride(0), y.stride(0),
+            x2.shape[1], eps, BLOCK=block, NORM_A=w_a is not None, num_warps=warps,
         )
     return h.view(x.shape), y.view(x.shape)

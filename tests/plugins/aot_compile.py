@@ -95,9 +95,10 @@ def variants(quick: bool = False) -> list[dict]:
                       {"slot_ptr": "*i64"}))
     for hidden in (64, 1536, 4096, 8192):
         block, warps = tn._launch_config(hidden)
-        for name, fn in (("rms_norm", tn._rms_norm_kernel),
-                         ("norm_add_norm", tn._norm_add_norm_kernel)):
-            rows.append(build(f"{name}-bf16-{hidden}", fn, "bf16", dict(BLOCK=block), warps, 1))
+        rows.append(build(f"rms_norm-bf16-{hidden}", tn._rms_norm_kernel, "bf16", dict(BLOCK=block), warps, 1))
+        for norm_a in (True, False):
+            rows.append(build(f"{'norm_' if norm_a else ''}add_norm-bf16-{hidden}", tn._norm_add_norm_kernel, "bf16",
+                              dict(BLOCK=block, NORM_A=norm_a), warps, 1))
     return rows
 
 

@@ -32,6 +32,9 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
             torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol, equal_nan=True)
         x = torch.randn(5, 2 * 1500, generator=g).to(device, dtype)
         torch.testing.assert_close(triton_fused.silu_mul(x).float(), reference.silu_mul(x).float(), atol=tol, rtol=tol)
+        gate, up = x[:, :1500], x[:, 1500:].contiguous()  # the vision MLP's two projections, apart
+        torch.testing.assert_close(triton_fused.silu_mul(gate, up).float(), reference.silu_mul(x).float(), atol=tol,
+                                   rtol=tol)
     check_vision_rope(device, dtype, tol, g)
     print("OK")
 

@@ -188,6 +188,9 @@ def check_norms(mod, ref, *, device: str, dtype: torch.dtype, tokens: int, hidde
     h, y = mod.norm_add_norm(x, r, w_a, w_b, 1e-5, out=(h_out, y2_out))
     h_ref, y_ref = ref.norm_add_norm(x, r, w_a, w_b, 1e-5)
     errs += [rel_err(h, h_ref), rel_err(y, y_ref)]
+    h, y = mod.norm_add_norm(x, r, None, w_b, 1e-5)  # the pre-norm junction: h = r + x (the vision tower)
+    h_ref, y_ref = ref.norm_add_norm(x, r, None, w_b, 1e-5)
+    errs += [rel_err(h, h_ref), rel_err(y, y_ref), rel_err(h_ref, (r.float() + x.float()).to(dtype))]
     return max(errs)
 
 
