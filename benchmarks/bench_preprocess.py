@@ -17,7 +17,6 @@ import statistics
 import time
 
 import torch
-from PIL import Image
 
 
 def _ms(fn, repeats: int, sync: bool = False) -> float:
@@ -40,7 +39,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     from autoglm_trt.calibration.screens import draw_screen
-    from autoglm_trt.processing.image_processor import ImageProcessor
+    from autoglm_trt.processing.image_processor import SOURCE_DIGEST, ImageProcessor
     from autoglm_trt.processing.pixels import cpu_pixels, device_pixels
 
     w, h = (int(v) for v in args.size.split("x"))
@@ -49,16 +48,20 @@ def main() -> None:
     url = base64.b64encode(buf.getvalue()).decode()
     proc = ImageProcessor()
 
-    def decode():
-        img = Image.open(io.BytesIO(base64.b64decode(url)))
-        img.load()
-        return img
+    from autoglm_trt.serve.media import MediaPolicy, decode_image
+
+    def decode():  # what the server does with a data: URL (it also names the image by the sha256 of its bytes)
+        return decode_image(base64.b64decode(url), MediaPolicy())
 
     img = decode()
+    plain = img.copy()
+    plain.info.pop(SOURCE_DIGEST, None)
     image = proc.preprocess(img, max_pixels=args.max_pixels)
     res = {"size": args.size, "png_bytes": len(buf.getvalue()), "threads": torch.get_num_threads(),
            "decode_ms": _ms(decode, args.repeats),
            "preprocess_ms": _ms(lambda: proc.preprocess(img, max_pixels=args.max_pixels), args.repeats),
+           "preprocess_pil_image_ms": _ms(lambda: proc.preprocess(plain, max_pixels=args.max_pixels),
+                                          args.repeats),  # an in-process PIL image: its pixels are hashed
            "cpu_pixels_ms": _ms(lambda: cpu_pixels(image.rgb, image.resized, image.spec), args.repeats)}
     if args.device == "cuda":
         dev = torch.device("cuda")
