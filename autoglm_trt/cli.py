@@ -77,7 +77,7 @@ def calibrate(
     max_pixels: Optional[int] = typer.Option(None, help="resize bound for the screenshots"),
     onnx: Optional[Path] = typer.Option(None, help="decoder ONNX graph: also write a Q/DQ copy (decoder_qdq.onnx)"),
     report: bool = typer.Option(False, "--report", help="compare INT8 with the float model and print it"),
-    report_mode: str = typer.Option("all", help="w8a8 | int8-wo | all"),
+    report_mode: str = typer.Option("all", help="w8a8 | int8-wo | fp8 | all (= both INT8 modes)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32"),
     trt_version: str = typer.Option("10.0.0", help="TensorRT version written in the calibration cache header"),

@@ -9,7 +9,8 @@ from autoglm_trt.calibration.runner import CalibrateOptions, calibrate
 from autoglm_trt.errors import UserError
 from autoglm_trt.utils.progress import console
 
-REPORT_MODES = {"w8a8": ("w8a8",), "int8-wo": ("int8-wo",), "all": ("int8-wo", "w8a8")}
+# NOTE: "all" is the INT8 modes; fp8 needs FP8 tensor cores (or the CPU) and is asked for by name
+REPORT_MODES = {"w8a8": ("w8a8",), "int8-wo": ("int8-wo",), "fp8": ("fp8",), "all": ("int8-wo", "w8a8")}
 
 
 def run_calibrate(model_dir: Path, out: Path, *, dataset: Path | None, method: str, samples: int | None,
@@ -44,12 +45,12 @@ def print_report(reports: dict[str, dict]) -> None:
     from rich.table import Table
 
     table = Table(title="INT8 vs float")
-    for col in ("mode", "set", "positions", "top-1 agreement", "mean KL", "ppl float", "ppl int8"):
+    for col in ("mode", "set", "positions", "top-1 agreement", "mean KL", "ppl float", "ppl quantized"):
         table.add_column(col)
     for mode, r in reports.items():
         for name in ("calibration_set", "heldout_set", "perplexity"):
             row = r[name]
-            ppl = (str(row["reference"]), str(row["int8"])) if name == "perplexity" else ("", "")
+            ppl = (str(row["reference"]), str(row["quantized"])) if name == "perplexity" else ("", "")
             table.add_row(mode, name.replace("_set", ""), str(row["positions"]), f"{row['top1_agreement']:.4f}",
                           f"{row['mean_kl']:.3g}", *ppl)
     console.print(table)

@@ -1,7 +1,7 @@
 """Accuracy of an INT8 model against its float original: next-token agreement, KL, perplexity.
 
 Both models run the same prompts (plain forward, no cache). At every text position (image tokens
-excluded) the next-token distributions are compared: top-1 agreement and mean KL(p_float || p_int8).
+excluded) the next-token distributions are compared: top-1 agreement and mean KL(p_float || p_quantized).
 Perplexity is measured on a shipped held-out text. On random-weight checkpoints the figures are
 what they are; they still show whether quantization moved the function.
 """
@@ -81,7 +81,7 @@ def _perplexity(ref_model, q_model, processor, text: str, device, max_tokens: in
              keep, torch.roll(ids, -1), tot)
     n = max(tot.positions, 1)
     ppl_ref, ppl_q = math.exp(tot.nll_ref / n), math.exp(tot.nll_q / n)
-    return {"tokens": tot.positions, "reference": round(ppl_ref, 4), "int8": round(ppl_q, 4),
+    return {"tokens": tot.positions, "reference": round(ppl_ref, 4), "quantized": round(ppl_q, 4),
             "relative_change": round(ppl_q / ppl_ref - 1.0, 6), **tot.metrics()}
 
 

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from autoglm_trt.calibration import load_calibration, read_trt_cache
@@ -69,16 +70,17 @@ def test_calibration_replays_into_the_model(calib_dir, our_model, tiny_model_dir
                 assert torch.allclose(m.language_model.layers[0].mlp.down_proj.input_scale, want.reshape(1))
 
 
-def test_accuracy_report(calib_dir, tiny_model_dir) -> None:
+@pytest.mark.parametrize("mode", ["w8a8", "fp8"])
+def test_accuracy_report(calib_dir, tiny_model_dir, mode) -> None:
     from autoglm_trt.calibration import accuracy_report
 
-    rep = accuracy_report(tiny_model_dir, calib_dir, "w8a8", device="cpu", samples=1, max_ppl_tokens=64)
-    assert rep["mode"] == "w8a8" and rep["reference_dtype"] == "float32"
+    rep = accuracy_report(tiny_model_dir, calib_dir, mode, device="cpu", samples=1, max_ppl_tokens=64)
+    assert rep["mode"] == mode and rep["reference_dtype"] == "float32"
     for name in ("calibration_set", "heldout_set", "perplexity"):
         row = rep[name]
         assert row["positions"] > 10 and 0.5 <= row["top1_agreement"] <= 1.0 and row["mean_kl"] >= 0
     ppl = rep["perplexity"]
-    assert ppl["tokens"] == 63 and ppl["reference"] > 1 and ppl["int8"] > 1
+    assert ppl["tokens"] == 63 and ppl["reference"] > 1 and ppl["quantized"] > 1
     assert abs(ppl["relative_change"]) < 0.5
 
 
