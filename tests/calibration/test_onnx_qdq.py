@@ -54,7 +54,7 @@ def test_qdq_runs_in_onnxruntime_and_matches_pytorch_w8a8(mlp_onnx, calib_dir, t
     calib = load_calibration(calib_dir)
     dst = tmp_path / "q.onnx"
     insert_qdq(src, dst, calib, smooth=True, weights_int8=weights_int8)
-    x = torch.randn(9, block.layers[0].mlp.down_proj.out_features)
+    x = torch.randn(9, block.layers[0].mlp.down_proj.out_features, generator=torch.Generator().manual_seed(9))
     with torch.inference_mode():
         ref = block(x).numpy()
         emulated = _torch_int8(block, calib, "w8a8")(x).numpy()
@@ -71,7 +71,7 @@ def test_weight_only_qdq_matches_pytorch_int8_wo(mlp_onnx, calib_dir, tmp_path) 
     src, block = mlp_onnx
     calib = load_calibration(calib_dir)
     insert_qdq(src, tmp_path / "wo.onnx", calib, smooth=False, activations=False, weights_int8=True)
-    x = torch.randn(5, block.layers[0].mlp.down_proj.out_features)
+    x = torch.randn(5, block.layers[0].mlp.down_proj.out_features, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         emulated = _torch_int8(block, calib, "int8-wo")(x).numpy()
     got = _run(tmp_path / "wo.onnx", x.numpy())
