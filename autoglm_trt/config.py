@@ -12,6 +12,8 @@ from pathlib import Path
 
 from autoglm_trt.errors import UserError
 
+QUANT_MODES = ("none", "int8-wo", "w8a8", "fp8")  # how the decoder's linears run (layers/quant.py)
+
 SUPPORTED_MODEL_TYPES = ("glm4v",)
 
 
@@ -243,8 +245,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device}")
-        if self.quant not in ("none", "int8-wo", "w8a8", "fp8"):
-            raise ValueError(f"quant must be none, int8-wo, w8a8 or fp8, got {self.quant}")
+        if self.quant not in QUANT_MODES:
+            raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}, got {self.quant}")
         if self.act_quant not in ("dynamic", "static"):
             raise ValueError(f"act_quant must be dynamic or static, got {self.act_quant}")
         if self.image_preprocess_device not in ("auto", "cpu"):

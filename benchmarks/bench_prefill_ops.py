@@ -3,8 +3,9 @@
     python benchmarks/bench_prefill_ops.py [--patches 12432] [--tokens 3814] [--json out.json]
 
 1. GEMMs at the vision tower's shapes (M = patches) and the decoder prefill's (M = prompt tokens):
-   bf16 `F.linear` (cuBLAS) against FP8 e4m3 `torch._scaled_mm` with a scale per row of x (dynamic,
-   computed in the timed call) and per output channel of W; TFLOP/s of each and the FP8 speed-up.
+   bf16 `F.linear` (cuBLAS) against FP8 e4m3 `torch._scaled_mm` alone (x quantized beforehand) and against
+   the fp8 mode's whole linear (layers/fp8.fp8_linear: x quantized per row by the Triton pass, then the GEMM);
+   TFLOP/s of each and the speed-up. (Session 4's recorded run quantized x with torch ops instead.)
 2. The tower's attention [1, 12, N, 128] under each SDPA backend (flash, cuDNN, memory-efficient).
 3. The decoder prefill's causal GQA attention (32 query heads over 2 KV heads, head 128): our paged
    Triton kernel (plugins.paged_attention over a 16-token-page cache) against SDPA's backends on the
@@ -28,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import median_event_ms  # noqa: E402
 
-FP8 = torch.float8_e4m3fn
 # (name, K, N): the tower's (hidden 1536, MLP 4096) and the decoder's (hidden 4096, FFN 13696) linears
 TOWER = [("v.qkv", 1536, 4608), ("v.proj", 1536, 1536), ("v.gate_up", 1536, 8192), ("v.down", 4096, 1536)]
 DECODER = [("t.qkv", 4096, 4608), ("t.o", 4096, 4096), ("t.gate_up", 4096, 27392), ("t.down", 13696, 4096)]
@@ -42,31 +42,24 @@ def timed(fn, iters: int = 10) -> float:
     return median_event_ms(fn, iters)
 
 
-def quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] bf16 -> (fp8 [M, K], fp32 scale [M, 1]): one scale per row, amax -> 448."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(FP8).max
-    return (x / scale).to(FP8), scale
-
-
 def gemm_row(name: str, m: int, k: int, n: int) -> dict:
+    from autoglm_trt.layers import fp8
+    from autoglm_trt.plugins import int8_gemm as G
+
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    wq, ws = quant_rows(w)  # [N, K] fp8, [N, 1]
     flop = 2 * m * k * n
     bf16 = timed(lambda: F.linear(x, w))
     row = {"gemm": name, "m": m, "k": k, "n": n, "bf16_ms": bf16, "bf16_tflops": flop / bf16 / 1e9}
     try:
-        xq, xs = quant_rows(x)
-        gemm_only = timed(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16))
-
-        def full():
-            a, s = quant_rows(x)
-            return torch._scaled_mm(a, wq.t(), scale_a=s, scale_b=ws.t(), out_dtype=torch.bfloat16)
-
-        total = timed(full)
+        wq, ws = fp8.quantize_weight(w)  # [N, K] e4m3, [N]
+        xq, xs = G.quantize_per_token(x, fp8=True)  # [M, K] e4m3, [M]
+        gemm_only = timed(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :],
+                                                   out_dtype=torch.bfloat16))
+        total = timed(lambda: fp8.fp8_linear(x, wq, ws, None, G))  # the engine's fp8 linear: quantize x + GEMM
         ref = F.linear(x.float(), w.float())
-        err = ((full().float() - ref).norm() / ref.norm()).item()
-        row.update(fp8_gemm_ms=gemm_only, fp8_ms=total, fp8_tflops=flop / gemm_only / 1e9,
+        err = ((fp8.fp8_linear(x, wq, ws, None, G).float() - ref).norm() / ref.norm()).item()
+        row.update(fp8_gemm_ms=gemm_only, fp8_linear_ms=total, fp8_tflops=flop / gemm_only / 1e9,
                    speedup=bf16 / total, fp8_rel_err=err)
     except Exception as exc:  # noqa: BLE001 - a GEMM torch refuses is the finding
         row["fp8_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -134,7 +127,7 @@ def main() -> None:
         layers = 24 if tag == "tower" else 40
         res[f"{tag}_gemm_ms_per_forward"] = {
             "bf16": layers * sum(r["bf16_ms"] for r in mine),
-            "fp8": layers * sum(r.get("fp8_ms", float("nan")) for r in mine)}
+            "fp8": layers * sum(r.get("fp8_linear_ms", float("nan")) for r in mine)}
     print(json.dumps(res, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from autoglm_trt.config import QUANT_MODES
+
 DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
                  "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
-QUANT_MODES = ("none", "int8-wo", "w8a8", "fp8")
 BACKENDS = ("torch", "tensorrt")
 PAGE_SIZES = (8, 16, 32, 64, 128)
 

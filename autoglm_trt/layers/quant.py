@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoglm_trt import plugins
+from autoglm_trt.config import QUANT_MODES
 from autoglm_trt.layers import fp8, parallel
 from autoglm_trt.layers.linear import LinearBase
 
 DECODER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-MODES = ("int8-wo", "w8a8", "fp8")
+MODES = tuple(m for m in QUANT_MODES if m != "none")
 ACT_QUANT = ("dynamic", "static")
 _EPS = 1e-8
 _kernels_mod = None  # plugins.int8_gemm once imported, False when triton is missing
@@ -162,6 +163,9 @@ class Fp8Method:
         x2 = x.reshape(-1, x.shape[-1])  # [T, K]
         y = fp8.fp8_linear(x2, layer.weight, layer.weight_scale, _bias(layer), _kernels(x2))  # [T, N]
         return y.reshape(*x.shape[:-1], -1)
+
+
+_PLAIN_METHODS = {"int8-wo": Int8WeightOnlyMethod, "fp8": Fp8Method}  # no smoothing, no calibrated scales
 
 
 class W8A8Method:
@@ -312,8 +316,8 @@ def quantize_model(model: nn.Module, mode: str, act_scales=None, smooth_alpha: f
         q, w_scale = (fp8.quantize_weight if mode == "fp8" else quantize_weight)(lin.weight)
         lin.weight = nn.Parameter(q, requires_grad=False)
         lin.weight_scale = nn.Parameter(w_scale.to(q.device), requires_grad=False)
-        if mode in ("int8-wo", "fp8"):
-            lin.quant_method = Int8WeightOnlyMethod() if mode == "int8-wo" else Fp8Method()
+        if mode in _PLAIN_METHODS:
+            lin.quant_method = _PLAIN_METHODS[mode]()
             continue
         if key.endswith("o_proj") and not hasattr(lin, "smooth_scale"):
             lin.smooth_scale = nn.Parameter(torch.ones(lin.in_features, device=q.device), requires_grad=False)
@@ -349,8 +353,8 @@ def prepare_quantized_model(model: nn.Module, mode: str, *, act_quant: str = "dy
         lin.weight = nn.Parameter(torch.empty(lin.out_features, lin.in_features, dtype=dtype, device=dev),
                                   requires_grad=False)
         lin.weight_scale = nn.Parameter(torch.empty(lin.out_features, device=dev), requires_grad=False)
-        if mode in ("int8-wo", "fp8"):
-            lin.quant_method = Int8WeightOnlyMethod() if mode == "int8-wo" else Fp8Method()
+        if mode in _PLAIN_METHODS:
+            lin.quant_method = _PLAIN_METHODS[mode]()
             continue
         if key.endswith("o_proj"):
             lin.smooth_scale = nn.Parameter(torch.ones(lin.in_features, device=dev), requires_grad=False)

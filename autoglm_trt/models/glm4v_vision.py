@@ -174,12 +174,11 @@ class Glm4vVisionModel(nn.Module):
         cos, sin, pos = self.geometry(grid_thw)  # [N, head_dim] fp32 x 2, [N, C_v]
         x = x + pos
         lengths = [h * w for t, h, w in grid_thw for _ in range(t)]
-        blocks = list(self.blocks)
-        normed = blocks[0].norm1(x) if blocks else self.post_layernorm(x)
-        for i, block in enumerate(blocks):
-            x, normed = block(x, normed, blocks[i + 1].norm1 if i + 1 < len(blocks) else self.post_layernorm,
-                              cos, sin, lengths)
-        x = normed  # post_layernorm(x)
+        next_norms = [b.norm1 for b in self.blocks[1:]] + [self.post_layernorm]
+        normed = self.blocks[0].norm1(x)
+        for block, next_norm in zip(self.blocks, next_norms):
+            x, normed = block(x, normed, next_norm, cos, sin, lengths)
+        x = normed  # post_layernorm of the last residual stream
         x = x.view(-1, m, m, c.hidden_size).permute(0, 3, 1, 2)  # [N/m^2, C_v, m, m]
         x = self.downsample(x).view(-1, c.out_hidden_size)
         return self.merger(x)

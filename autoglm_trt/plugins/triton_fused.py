@@ -109,9 +109,9 @@ def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, stride_g, stride_u, stride_y, n_cols, 
 
 def silu_mul(x: Tensor, up: Tensor | None = None) -> Tensor:
     """x [T, 2I] = [gate | up] (or x = gate [T, I] and `up` [T, I]) -> silu(gate) * up [T, I], one rounding."""
-    gate, up = (x, x[:, x.shape[1] // 2:]) if up is None else (x, _last_contiguous(up))
+    gate = _last_contiguous(x)
+    up = gate[:, gate.shape[1] // 2:] if up is None else _last_contiguous(up)  # [T, I]
     t, n = up.shape
-    gate = _last_contiguous(gate)
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t:
         block = 1024

@@ -199,7 +199,8 @@ class ImageProcessor:
         grid = (1, h // self.patch_size, w // self.patch_size)
         array = np.array(rgb)  # [H, W, 3] uint8 (a writable copy: torch shares it)
         out = ImageInput(rgb=torch.from_numpy(array), resized=(h, w), spec=self.spec, grid_thw=grid,
-                         content_hash=image_hash(array, grid, image.info.get(SOURCE_DIGEST)), num_tokens=grid[1] * grid[2] // self.merge_size ** 2)
+                         content_hash=image_hash(array, grid, image.info.get(SOURCE_DIGEST)),
+                         num_tokens=grid[1] * grid[2] // self.merge_size ** 2)
         if self.pixels_in_preprocess or not device_ok(out.rgb, out.resized):
             out.pixel_values  # noqa: B018 - computed here, cached on the image
         return out

@@ -63,33 +63,46 @@ def serve_cmd(
     log_requests: bool = typer.Option(False, help="log every HTTP request"),
 ) -> None:
     """Serve the model: OpenAI API over HTTP and KServe v2 over gRPC (/health is 503 until loaded)."""
-    from autoglm_trt.serve.config import ServerConfig
-    from autoglm_trt.serve.loader import EngineArgs
+    opts = dict(locals())  # NOTE: first statement: exactly the options above
     from autoglm_trt.serve.server import run_server
 
-    if image_preprocess_device not in ("auto", "cpu"):
-        raise UserError(f"--image-preprocess-device must be auto or cpu, got {image_preprocess_device!r}")
-    if quantization not in (None, "none", "int8-wo", "w8a8", "fp8"):
-        raise UserError(f"--quantization must be none, int8-wo, w8a8 or fp8, got {quantization!r}")
-    mm = _json_option(mm_processor_kwargs, "--mm-processor-kwargs")
-    limits = _json_option(limit_mm_per_prompt, "--limit-mm-per-prompt")
+    run_server(_server_config(opts), _engine_args(opts))
+
+
+def _server_config(o: dict):
+    """The HTTP/gRPC side of `serve`'s options (vLLM's JSON forms folded in); a bad value is a UserError."""
+    from autoglm_trt.serve.config import ServerConfig
+
+    mm = _json_option(o["mm_processor_kwargs"], "--mm-processor-kwargs")
+    limits = _json_option(o["limit_mm_per_prompt"], "--limit-mm-per-prompt")
+    media = o["allowed_local_media_path"]
     try:
-        config = ServerConfig(
-            host=host, port=port, grpc_port=grpc_port, served_model_name=served_model_name, api_key=api_key,
-            max_queue=max_queue, allowed_local_media_path=str(allowed_local_media_path) if allowed_local_media_path else None,
-            allow_remote_media=allow_remote_media, max_pixels=max_pixels or mm.get("max_pixels"),
-            max_image_pixels=max_image_pixels,
-            limit_images_per_prompt=int(limits.get("image", limit_images_per_prompt)),
-            reasoning_parser=reasoning_parser, log_requests=log_requests)
+        return ServerConfig(
+            host=o["host"], port=o["port"], grpc_port=o["grpc_port"], served_model_name=o["served_model_name"],
+            api_key=o["api_key"], max_queue=o["max_queue"], allowed_local_media_path=str(media) if media else None,
+            allow_remote_media=o["allow_remote_media"], max_pixels=o["max_pixels"] or mm.get("max_pixels"),
+            max_image_pixels=o["max_image_pixels"],
+            limit_images_per_prompt=int(limits.get("image", o["limit_images_per_prompt"])),
+            reasoning_parser=o["reasoning_parser"], log_requests=o["log_requests"])
     except (ValueError, TypeError) as exc:
         raise UserError(str(exc)) from None
-    args = EngineArgs(str(model_dir), max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                      max_num_batched_tokens=max_num_batched_tokens,
-                      gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tp,
-                      num_kv_blocks=num_kv_blocks, block_size=block_size, dtype=dtype, device=device,
-                      enforce_eager=enforce_eager, enable_prefix_caching=prefix_caching, seed=seed,
-                      image_preprocess_device=image_preprocess_device, quant=quantization)
-    run_server(config, args)
+
+
+def _engine_args(o: dict):
+    """The engine side of `serve`'s options, checked before anything loads."""
+    from autoglm_trt.config import QUANT_MODES
+    from autoglm_trt.serve.loader import EngineArgs
+
+    if o["image_preprocess_device"] not in ("auto", "cpu"):
+        raise UserError(f"--image-preprocess-device must be auto or cpu, got {o['image_preprocess_device']!r}")
+    if o["quantization"] not in (None, *QUANT_MODES):
+        raise UserError(f"--quantization must be one of {', '.join(QUANT_MODES)}, got {o['quantization']!r}")
+    return EngineArgs(str(o["model_dir"]), max_model_len=o["max_model_len"], max_num_seqs=o["max_num_seqs"],
+                      max_num_batched_tokens=o["max_num_batched_tokens"],
+                      gpu_memory_utilization=o["gpu_memory_utilization"], tensor_parallel_size=o["tp"],
+                      num_kv_blocks=o["num_kv_blocks"], block_size=o["block_size"], dtype=o["dtype"],
+                      device=o["device"], enforce_eager=o["enforce_eager"], enable_prefix_caching=o["prefix_caching"],
+                      seed=o["seed"], image_preprocess_device=o["image_preprocess_device"], quant=o["quantization"])
 
 
 def bench_cmd(

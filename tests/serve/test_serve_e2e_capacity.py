@@ -57,3 +57,16 @@ def test_unloadable_model_exits_2_with_one_clear_line(tmp_path):
                           timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag,value,says", [("--quantization", "int4", "--quantization must be one of none"),
+                                             ("--image-preprocess-device", "gpu", "must be auto or cpu"),
+                                             ("--mm-processor-kwargs", "{max", "must be a JSON object")])
+def test_bad_serve_options_exit_2_before_loading(tiny_model_dir, flag, value, says):
+    import subprocess
+
+    from serve_harness import cli_command
+
+    proc = subprocess.run([*cli_command(), "serve", str(tiny_model_dir), flag, value], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
