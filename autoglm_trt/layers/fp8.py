@@ -5,13 +5,16 @@ Activations: per token, dynamic (amax / 448 per row, one Triton pass), and the p
 cores through `torch._scaled_mm` (row-wise scales, bf16 out; Hopper and Ada: compute capability >= 8.9).
 Decode steps of at most 8 rows are memory-bound: they take the Triton GEMV with the fp8 weights and bf16
 activations instead (the weight bytes are the cost, half of bf16's), as W8A16 does for int8.
+The vision blocks' linears take the same mode at load time (`Fp8Linear`, `quantize_linears`): their weights
+stay bf16 on disk and in engine directories, as vLLM quantizes a bf16 checkpoint's vision encoder under
+`--quantization fp8`; a screenshot's 13k patches make those GEMMs compute-bound.
 The CPU reference (fake-quantized activations, dequantized weights, fp32 matmul) is the test oracle.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from autoglm_trt.errors import UserError
 
@@ -62,5 +65,33 @@ def fp8_linear(x: Tensor, q: Tensor, w_scale: Tensor, bias: Tensor | None, kerne
     return y if bias is None else y.add_(bias)
 
 
-__all__ = ["FP8", "FP8_MAX", "check_device", "fp8_linear", "fp8_reference", "quantize_rows_reference",
+class Fp8Linear(nn.Module):
+    """An nn.Linear with e4m3 weights (one scale per output channel) run by fp8_linear; any leading dims."""
+
+    def __init__(self, lin: nn.Linear, kernels) -> None:
+        super().__init__()
+        q, scale = quantize_weight(lin.weight)
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.weight = nn.Parameter(q, requires_grad=False)  # [N, K] e4m3
+        self.weight_scale = nn.Parameter(scale.to(q.device), requires_grad=False)  # [N] fp32
+        self.bias = lin.bias
+        self.kernels = kernels  # plugins.int8_gemm, or None for the CPU reference
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = fp8_linear(x.reshape(-1, self.in_features), self.weight, self.weight_scale, self.bias,
+                       self.kernels)  # [T, N]
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+@torch.no_grad()
+def quantize_linears(root: nn.Module, kernels) -> int:
+    """Every nn.Linear inside `root` -> Fp8Linear, in place; returns how many."""
+    found = [(name, mod) for name, mod in root.named_modules() if type(mod) is nn.Linear]
+    for name, lin in found:
+        parent, _, attr = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, attr, Fp8Linear(lin, kernels))
+    return len(found)
+
+
+__all__ = ["Fp8Linear", "quantize_linears", "FP8", "FP8_MAX", "check_device", "fp8_linear", "fp8_reference", "quantize_rows_reference",
            "quantize_weight"]

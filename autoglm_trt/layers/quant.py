@@ -334,6 +334,18 @@ def quantize_model(model: nn.Module, mode: str, act_scales=None, smooth_alpha: f
                           "lm_head": "int8" if head is not None else None}
 
 
+def quantize_vision(model: nn.Module, mode: str) -> None:
+    """fp8 mode: the vision blocks' linears to e4m3 too, at load time (layers/fp8.py); other modes keep them.
+    NOTE: the patch merger stays bf16: it writes the decoder's image embeddings, and on the tiny checkpoint
+    it alone moved them by 8% (relative) in e4m3, the 24 blocks by 0.03%, for 7% of the tower's FLOPs."""
+    tower = getattr(model, "visual", None)
+    if mode != "fp8" or tower is None:
+        return
+    weight = next(tower.parameters())
+    fp8.check_device(weight.device)
+    fp8.quantize_linears(tower.blocks, _kernels(weight))
+
+
 def _static_amax(key: str, lin: LinearBase, amax: dict, scales: dict, static_amax: dict | None) -> Tensor:
     """Per-tensor amax of the (smoothed) input: calibrated when available, else max_j amax_j / s_j."""
     if static_amax and key in static_amax:

@@ -149,12 +149,15 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
 
 def apply_quantization(model, quant: str, calib_dir: str | None, act_quant: str = "dynamic") -> None:
     """Quantize a freshly loaded (already sharded) model in place: "none", "int8-wo", "w8a8" or "fp8"."""
-    if quant == "none" or getattr(model, "quant_config", None):  # engine dirs come pre-quantized
+    if quant == "none":
         return
-    from autoglm_trt.calibration.cache import load_calibration
-    from autoglm_trt.layers.quant import quantize_model
+    from autoglm_trt.layers.quant import quantize_model, quantize_vision
 
-    calib = load_calibration(calib_dir) if calib_dir else None
-    quantize_model(model, quant, calib, act_quant=act_quant)
+    if not getattr(model, "quant_config", None):  # engine dirs come pre-quantized
+        from autoglm_trt.calibration.cache import load_calibration
+
+        calib = load_calibration(calib_dir) if calib_dir else None
+        quantize_model(model, quant, calib, act_quant=act_quant)
+    quantize_vision(model, quant)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -46,3 +46,25 @@ def test_gpu_fp8_linear_at_9b_shapes(m) -> None:
         y = fp8.fp8_linear(x, q, s, b, G)  # m <= 8: the GEMV on bf16 x; else per-token FP8 on the tensor cores
         ref = fp8.fp8_reference(x, q, s, b) if m > fp8.GEMV_ROWS else Q.w8a16_reference(x, q, s, b)
         assert rel_err(y, ref) < 1e-2 and rel_err(y, (x.float() @ w.t() + b.float())) < 0.06
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8-wo"])
+def test_fp8_mode_quantizes_the_vision_tower_at_load(tiny_model_dir, mode) -> None:
+    from autoglm_trt.models.loader import apply_quantization, load_model
+
+    model = load_model(tiny_model_dir, dtype="float32", show_progress=False)
+    grids = [(1, 4, 6), (1, 10, 8)]
+    pixels = torch.randn(4 * 6 + 80, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model.encode_images(pixels, grids)  # [merged tokens, hidden]
+        apply_quantization(model, mode, None)
+        got = model.encode_images(pixels, grids)
+    linears = [m for m in model.visual.blocks.modules() if isinstance(m, torch.nn.Linear)]
+    quantized = [m for m in model.visual.modules() if isinstance(m, fp8.Fp8Linear)]
+    if mode == "int8-wo":  # only fp8 touches the tower
+        assert not quantized and torch.equal(got, ref)
+        return
+    assert not linears and len(quantized) == 5 * model.cfg.vision.depth  # qkv, proj, gate, up, down
+    assert all(m.weight.dtype == fp8.FP8 for m in quantized)
+    assert not any(isinstance(m, fp8.Fp8Linear) for m in model.visual.merger.modules())  # stays bf16
+    assert 0 < rel_err(got, ref) < 0.01
