@@ -16,6 +16,12 @@ from autoglm_trt.layers.context import AttentionContext, get_context
 # the next; the math path stays the last resort.
 SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                   SDPBackend.MATH]
+# cuDNN builds (and caches) one execution plan per shape, and a build costs tens of ms: a new prompt length each
+# request put that on every first token over HTTP. So only whole prompts of DENSE_MIN_TOKENS or more go dense
+# (below, attention is a small share of the prefill), padded up to a multiple of DENSE_BUCKET (the padding sits
+# after every real token, so causal masking keeps it out of the real rows): a few plans serve every length.
+DENSE_MIN_TOKENS = 1024
+DENSE_BUCKET = 256
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -57,17 +63,20 @@ class PagedAttention(nn.Module):
                        table: torch.Tensor) -> torch.Tensor:
         """Causal GQA attention of one whole prompt q [T, H, D] over its K/V (just stored) -> [T, H, D]."""
         t = q.shape[0]
+        pad = -t % DENSE_BUCKET
         k, v = gather_kv(k_cache, table, t), gather_kv(v_cache, table, t)  # [T, kvH, D]
-        qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, T, D]
+        qh, kh, vh = (F.pad(x, (0, 0, 0, 0, 0, pad)).transpose(0, 1).unsqueeze(0)
+                      for x in (q, k, v))  # [1, heads, T + pad, D], zeros after the prompt
         with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale,
-                                                 enable_gqa=kh.shape[1] != qh.shape[1])  # [1, H, T, D]
-        return out[0].transpose(0, 1)
+                                                 enable_gqa=kh.shape[1] != qh.shape[1])  # [1, H, T + pad, D]
+        return out[0, :, :t].transpose(0, 1)
 
 
 def is_whole_prompt(ctx: AttentionContext) -> bool:
-    """One sequence whose every cached token is computed in this step (no prefix-cache hit, no earlier chunk)."""
-    return ctx.seq_lens.shape[0] == 1 and ctx.max_seqlen_q == ctx.max_seqlen_k
+    """One sequence of DENSE_MIN_TOKENS or more whose every cached token is computed in this step (no prefix-cache
+    hit, no earlier chunk)."""
+    return ctx.seq_lens.shape[0] == 1 and ctx.max_seqlen_q == ctx.max_seqlen_k >= DENSE_MIN_TOKENS
 
 
 def gather_kv(cache: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:

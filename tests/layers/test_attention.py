@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from autoglm_trt import plugins
+from autoglm_trt.layers import attention as A
 from autoglm_trt.layers.attention import PagedAttention, gather_kv, is_whole_prompt
 from autoglm_trt.layers.context import AttentionContext, reset_context, set_context
 
@@ -51,15 +52,30 @@ def test_gather_kv_reads_the_pages_in_table_order():
     assert torch.equal(got, want) and got.shape == (10, 1, 2)
 
 
-@pytest.mark.parametrize("t", [1, 17, 80])
-def test_whole_prompt_through_sdpa_equals_the_paged_kernel(t):
+@pytest.fixture
+def small_dense(monkeypatch):
+    """Whole prompts of 8+ tokens go dense, padded to multiples of 32 (the real sizes: 1024 and 256)."""
+    monkeypatch.setattr(A, "DENSE_MIN_TOKENS", 8)
+    monkeypatch.setattr(A, "DENSE_BUCKET", 32)
+
+
+@pytest.mark.parametrize("t", [8, 17, 64, 80])
+def test_whole_prompt_through_sdpa_equals_the_paged_kernel(t, small_dense):
     q, ctx, attn = _setup(t, 0, "cpu", torch.float32)
     assert is_whole_prompt(ctx)
     got, want = _attend(q, ctx, attn), _paged(q, ctx, attn)
+    assert got.shape == q.shape
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_prefix_hits_and_batches_keep_the_paged_kernel(monkeypatch):
+def test_short_prompts_keep_the_paged_kernel(small_dense, monkeypatch):
+    q, ctx, attn = _setup(7, 0, "cpu", torch.float32)
+    assert not is_whole_prompt(ctx)
+    monkeypatch.setattr(PagedAttention, "_dense_prefill", lambda *a: pytest.fail("dense path taken"))
+    torch.testing.assert_close(_attend(q, ctx, attn), _paged(q, ctx, attn))
+
+
+def test_prefix_hits_and_batches_keep_the_paged_kernel(small_dense, monkeypatch):
     q, ctx, attn = _setup(9, 20, "cpu", torch.float32)  # 20 tokens came from the prefix cache
     assert not is_whole_prompt(ctx)
     monkeypatch.setattr(PagedAttention, "_dense_prefill", lambda *a: pytest.fail("dense path taken"))
@@ -70,9 +86,10 @@ def test_prefix_hits_and_batches_keep_the_paged_kernel(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t", [700, 3814])
+@pytest.mark.parametrize("t", [1024, 3814])
 def test_gpu_whole_prompt_matches_the_triton_kernel_at_9b_heads(t):
     q, ctx, attn = _setup(t, 0, "cuda", torch.bfloat16, heads=32, kv_heads=2, dim=128)
+    assert is_whole_prompt(ctx)
     got, want = _attend(q, ctx, attn), _paged(q, ctx, attn)
     assert float((got.float() - want.float()).abs().max()) < 2e-2
 
