@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from autoglm_trt.errors import UserError
+from autoglm_trt.utils.limits import raise_open_files_limit
 
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week "
          "case point government company number group problem fact water room mother area money "
@@ -319,6 +320,7 @@ def run_bench(url: str, concurrencies: list[int], prompt_len: int, gen_len: int,
         raise UserError(f"--concurrency must be positive integers, got {concurrencies}")
     if image is not None and not image.is_file():
         raise UserError(f"--image {image} is not a file")
+    raise_open_files_limit()
     report = asyncio.run(bench(url, concurrencies, prompt_len, gen_len, image, **kwargs))
     print_report(report)
     if json_out is not None:

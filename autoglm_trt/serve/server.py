@@ -20,6 +20,7 @@ from autoglm_trt.serve.config import ServerConfig
 from autoglm_trt.serve.grpc.server import GrpcServer
 from autoglm_trt.serve.loader import EngineArgs, LoadReport, load_engine
 from autoglm_trt.serve.state import ServeState
+from autoglm_trt.utils.limits import raise_open_files_limit
 from autoglm_trt.utils.logging import log
 
 logger = logging.getLogger("autoglm_trt.serve")
@@ -41,6 +42,7 @@ def run_server(config: ServerConfig, args: EngineArgs) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    raise_open_files_limit()
     asyncio.run(_serve(config, args))
 
 
