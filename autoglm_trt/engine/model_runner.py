@@ -53,6 +53,8 @@ class ModelRunner:
         self.graphs = None
         if device.type == "cuda" and not cfg.enforce_eager:
             self._capture_graphs()
+        if device.type == "cuda":
+            self._warm_dense_attention()
 
     # ---- start-up --------------------------------------------------------------------------------
     def _size_cache(self) -> int:
@@ -109,6 +111,20 @@ class ModelRunner:
                                    max_steps=self.cfg.num_decode_steps)
         self.graphs.capture()
         log(f"captured {len(self.graphs.graphs)} CUDA graphs (batch {sizes}) in {time.perf_counter() - t0:.1f} s")
+
+    def _warm_dense_attention(self) -> None:
+        """cuDNN's SDPA plans for every padded whole-prompt length (layers/attention.py), built now."""
+        from autoglm_trt.layers.attention import warm_dense_plans
+
+        t0 = time.perf_counter()
+        attn = self.model.language_model.layers[0].self_attn.attn
+        most = min(self.cfg.scheduler.max_num_batched_tokens, self.cfg.scheduler.max_model_len)
+        try:
+            n = warm_dense_plans(attn, most, self.device, self.dtype)
+        except Exception as exc:  # NOTE: a warm-up only: requests would build the plans themselves
+            log(f"warning: whole-prompt attention warm-up failed ({type(exc).__name__}: {exc}); continuing")
+            return
+        log(f"whole-prompt attention ready for {n} padded prompt lengths in {time.perf_counter() - t0:.1f} s")
 
     # ---- one step ------------------------------------------------------------------------------
     def encode_images(self, seqs: list[Sequence]) -> None:

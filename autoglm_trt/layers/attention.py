@@ -63,14 +63,32 @@ class PagedAttention(nn.Module):
                        table: torch.Tensor) -> torch.Tensor:
         """Causal GQA attention of one whole prompt q [T, H, D] over its K/V (just stored) -> [T, H, D]."""
         t = q.shape[0]
-        pad = -t % DENSE_BUCKET
-        k, v = gather_kv(k_cache, table, t), gather_kv(v_cache, table, t)  # [T, kvH, D]
-        qh, kh, vh = (F.pad(x, (0, 0, 0, 0, 0, pad)).transpose(0, 1).unsqueeze(0)
-                      for x in (q, k, v))  # [1, heads, T + pad, D], zeros after the prompt
-        with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
-            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale,
-                                                 enable_gqa=kh.shape[1] != qh.shape[1])  # [1, H, T + pad, D]
-        return out[0, :, :t].transpose(0, 1)
+        return dense_causal(q, gather_kv(k_cache, table, t), gather_kv(v_cache, table, t), self.scale)
+
+
+def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA (SDPA_BACKENDS) of one prompt padded to a multiple of DENSE_BUCKET: q [T, H, D], k/v [T, kvH, D] -> [T, H, D]."""
+    t = q.shape[0]
+    pad = -t % DENSE_BUCKET
+    qh, kh, vh = (F.pad(x, (0, 0, 0, 0, 0, pad)).transpose(0, 1).unsqueeze(0)
+                  for x in (q, k, v))  # [1, heads, T + pad, D], zeros after the prompt
+    with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                             enable_gqa=kh.shape[1] != qh.shape[1])  # [1, H, T + pad, D]
+    return out[0, :, :t].transpose(0, 1)
+
+
+@torch.inference_mode()
+def warm_dense_plans(attn: PagedAttention, max_tokens: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Run dense_causal once at every bucket length a whole prompt can take (DENSE_MIN_TOKENS..max_tokens), so
+    cuDNN builds its per-shape plans at start-up instead of on some request's first token. Returns how many."""
+    lo = -(-DENSE_MIN_TOKENS // DENSE_BUCKET) * DENSE_BUCKET
+    lengths = range(lo, max_tokens + DENSE_BUCKET, DENSE_BUCKET) if max_tokens >= DENSE_MIN_TOKENS else range(0)
+    for t in lengths:
+        q = torch.zeros(t, attn.num_heads, attn.head_dim, device=device, dtype=dtype)  # [T, H, D]
+        kv = torch.zeros(t, attn.num_kv_heads, attn.head_dim, device=device, dtype=dtype)  # [T, kvH, D]
+        dense_causal(q, kv, kv, attn.scale)
+    return len(lengths)
 
 
 def is_whole_prompt(ctx: AttentionContext) -> bool:

@@ -108,3 +108,13 @@ def test_gpu_preferred_sdpa_backend_matches_the_math_path_at_the_towers_shape():
     with sdpa_kernel([SDPBackend.MATH]):
         want = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     assert float((got.float() - want).abs().max()) < 2e-2
+
+
+def test_warm_dense_plans_runs_every_bucket_length(small_dense, monkeypatch):
+    seen = []
+    real = A.dense_causal
+    monkeypatch.setattr(A, "dense_causal", lambda q, k, v, s: seen.append((q.shape, k.shape)) or real(q, k, v, s))
+    attn = PagedAttention(0, 8, 2, 32)
+    assert A.warm_dense_plans(attn, 100, torch.device("cpu"), torch.float32) == 4  # 32, 64, 96, 128
+    assert [q[0] for q, _ in seen] == [32, 64, 96, 128] and seen[0] == ((32, 8, 32), (32, 2, 32))
+    assert A.warm_dense_plans(attn, 7, torch.device("cpu"), torch.float32) == 0  # below DENSE_MIN_TOKENS
