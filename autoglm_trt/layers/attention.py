@@ -22,6 +22,7 @@ SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBack
 # after every real token, so causal masking keeps it out of the real rows): a few plans serve every length.
 DENSE_MIN_TOKENS = 1024
 DENSE_BUCKET = 256
+WARM_LENGTHS = 64  # start-up builds plans for at most this many lengths (to 17,152 tokens); longer ones on first use
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -80,10 +81,11 @@ def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
 @torch.inference_mode()
 def warm_dense_plans(attn: PagedAttention, max_tokens: int, device: torch.device, dtype: torch.dtype) -> int:
-    """Run dense_causal once at every bucket length a whole prompt can take (DENSE_MIN_TOKENS..max_tokens), so
-    cuDNN builds its per-shape plans at start-up instead of on some request's first token. Returns how many."""
+    """Run dense_causal once at every bucket length a whole prompt can take (DENSE_MIN_TOKENS..max_tokens, the first
+    WARM_LENGTHS), so cuDNN builds its per-shape plans at start-up, not on some request's first token. Returns how many."""
     lo = -(-DENSE_MIN_TOKENS // DENSE_BUCKET) * DENSE_BUCKET
     lengths = range(lo, max_tokens + DENSE_BUCKET, DENSE_BUCKET) if max_tokens >= DENSE_MIN_TOKENS else range(0)
+    lengths = lengths[:WARM_LENGTHS]
     for t in lengths:
         q = torch.zeros(t, attn.num_heads, attn.head_dim, device=device, dtype=dtype)  # [T, H, D]
         kv = torch.zeros(t, attn.num_kv_heads, attn.head_dim, device=device, dtype=dtype)  # [T, kvH, D]

@@ -118,3 +118,5 @@ def test_warm_dense_plans_runs_every_bucket_length(small_dense, monkeypatch):
     assert A.warm_dense_plans(attn, 100, torch.device("cpu"), torch.float32) == 4  # 32, 64, 96, 128
     assert [q[0] for q, _ in seen] == [32, 64, 96, 128] and seen[0] == ((32, 8, 32), (32, 2, 32))
     assert A.warm_dense_plans(attn, 7, torch.device("cpu"), torch.float32) == 0  # below DENSE_MIN_TOKENS
+    monkeypatch.setattr(A, "WARM_LENGTHS", 2)
+    assert A.warm_dense_plans(attn, 1000, torch.device("cpu"), torch.float32) == 2  # the first lengths only
