@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 import json
 import random
+import ssl
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -194,19 +196,34 @@ def _has_text(chunk: dict) -> bool:
     return False
 
 
-async def run_level(client: httpx.AsyncClient, target: BenchTarget, concurrency: int, num_requests: int,
-                    max_seconds: float, num_words: int, seed0: int) -> LevelSummary:
-    """`concurrency` workers send requests back to back until num_requests or max_seconds."""
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    return ssl.create_default_context()  # NOTE: once: httpx would load the CA bundle for every client
+
+
+def new_client(connections: int = 1) -> httpx.AsyncClient:
+    return httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0), verify=_tls(),
+                             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
+
+
+async def run_level(target: BenchTarget, concurrency: int, num_requests: int, max_seconds: float, num_words: int,
+                    seed0: int) -> LevelSummary:
+    """`concurrency` workers send requests back to back until num_requests or max_seconds.
+
+    NOTE: each worker has a client (one connection) of its own: one pool of 512 connections spent the load
+    generator's CPU in httpcore's per-event scan of its connections and capped a 512-client run at ~5,900 tok/s
+    against a stub server that could give 24,000 (benchmarks/bench_http_stub.py)."""
     results: list[RequestResult] = []
     counter = iter(range(num_requests))
     t0 = time.perf_counter()
     deadline = t0 + max_seconds
 
     async def worker() -> None:
-        for i in counter:
-            if time.perf_counter() >= deadline:
-                return
-            results.append(await one_request(client, target, make_prompt(num_words, seed0 + i)))
+        async with new_client() as client:
+            for i in counter:
+                if time.perf_counter() >= deadline:
+                    return
+                results.append(await one_request(client, target, make_prompt(num_words, seed0 + i)))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return summarize(concurrency, results, time.perf_counter() - t0)
@@ -271,8 +288,7 @@ async def bench(url: str, concurrencies: list[int], prompt_len: int, gen_len: in
                 logprobs: bool = False, unique_images: bool = False) -> dict:
     """Run every level; the JSON-able report (levels in the order given)."""
     base = normalize_url(url)
-    limits = httpx.Limits(max_connections=max(concurrencies) + 4, max_keepalive_connections=max(concurrencies) + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0), limits=limits) as client:
+    async with new_client(4) as client:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         model = model or await _resolve_model(client, base, headers)
         target = BenchTarget(base, model, api_key, gen_len, image_data_url(image) if image else None, logprobs)
@@ -283,7 +299,7 @@ async def bench(url: str, concurrencies: list[int], prompt_len: int, gen_len: in
         levels = []
         for k, c in enumerate(concurrencies):
             n = sizes[k]
-            levels.append(await run_level(client, target, c, n, max_seconds, words, seed + 1_000_000 * (k + 1)))
+            levels.append(await run_level(target, c, n, max_seconds, words, seed + 1_000_000 * (k + 1)))
     return {"url": base, "model": model, "prompt_len": prompt_len, "gen_len": gen_len,
             "image": str(image) if image else None, "words_per_prompt": words,
             "levels": [asdict(level) for level in levels]}
