@@ -1,9 +1,9 @@
-"""The serving layer's own ceiling: the real `autoglm-trt serve` HTTP/SSE path over a stub engine core.
+"""The serving layer's own ceiling: the real `autoglm-trt serve` (run_server) over a stub engine core.
 
 The engine is the real LLMEngine of a tiny checkpoint (its tokenizer, chat template and processor run for every
 request), but its step() is a stub: it sleeps `--window-ms` (a GPU window: the GIL is free, as in a CUDA wait)
-and then hands every running request `--tokens-per-window` tokens, up to `--max-num-seqs` at once. The load
-generator (`autoglm-trt bench`) runs in its own process. Output tok/s far above the target means the HTTP
+and then hands every running request `--tokens-per-window` tokens, up to `--max-num-seqs` at once. Server and
+load generator (`autoglm-trt bench`) run in processes of their own. Output tok/s far above the target means the HTTP
 layer is not what limits a GPU run; near the stub's own rate it is. No GPU needed.
 
     python benchmarks/bench_http_stub.py --concurrency 128,512 [--window-ms 168] [--tokens-per-window 8]
@@ -12,20 +12,18 @@ layer is not what limits a GPU run; near the stub's own rate it is. No GPU neede
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import multiprocessing
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import uvicorn
+import httpx
 
 from autoglm_trt.engine.outputs import EngineStats, RequestOutput
-from autoglm_trt.serve.app import build_app
 from autoglm_trt.serve.config import ServerConfig
-from autoglm_trt.serve.state import ServeState
 
 
 class StubCore:
@@ -76,19 +74,34 @@ def stub_engine(model_dir: str, core: StubCore):
     return engine
 
 
-async def serve(model_dir: str, core: StubCore, port: int, bench_args: list[str]) -> int:
-    state = ServeState.create(ServerConfig(host="127.0.0.1", port=port, grpc_port=-1))
-    uv = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning",
-                                       lifespan="off"))
-    task = asyncio.ensure_future(uv.serve())
-    await state.client.launch(lambda: stub_engine(model_dir, core))
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "autoglm_trt.cli", "bench",
-                                                f"http://127.0.0.1:{port}", *bench_args)
-    rc = await proc.wait()
-    uv.should_exit = True
-    await task
-    state.client.shutdown()
-    return rc
+def serve_stub(model_dir: str, core: StubCore, port: int) -> None:
+    """The real `autoglm-trt serve` (run_server) in this process, its engine loader swapped for the stub."""
+    from autoglm_trt.serve import server
+    from autoglm_trt.serve.loader import EngineArgs, LoadReport
+
+    server.load_engine = lambda args: LoadReport(stub_engine(args.model_dir, core), 0.0, "stub", "stub", 0)
+    server.run_server(ServerConfig(host="127.0.0.1", port=port, grpc_port=-1), EngineArgs(model_dir))
+
+
+def run(model_dir: str, core: StubCore, port: int, bench_args: list[str]) -> int:
+    """Server in a child process until /health is 200, then `autoglm-trt bench` in another; SIGTERM at the end."""
+    child = multiprocessing.get_context("spawn").Process(target=serve_stub, args=(model_dir, core, port))
+    child.start()
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if not child.is_alive():
+                return 1
+            time.sleep(0.2)
+        return subprocess.call([sys.executable, "-m", "autoglm_trt.cli", "bench", f"http://127.0.0.1:{port}",
+                                *bench_args])
+    finally:
+        child.terminate()
+        child.join(30)
 
 
 def main() -> None:
@@ -116,7 +129,7 @@ def main() -> None:
                   "--max-seconds", "60", "--json", out]
     bench_args += ["--num-requests", str(args.num_requests)] if args.num_requests else []
     bench_args += ["--logprobs"] if args.logprobs else []
-    rc = asyncio.run(serve(model_dir, core, args.port, bench_args))
+    rc = run(model_dir, core, args.port, bench_args)
     ceiling = args.max_num_seqs * args.tokens_per_window / (args.window_ms / 1e3)
     print(f"stub engine's own rate at {args.max_num_seqs} running: {ceiling:,.0f} tok/s; report: {out}")
     if rc == 0:

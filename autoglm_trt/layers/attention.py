@@ -86,10 +86,12 @@ def warm_dense_plans(attn: PagedAttention, max_tokens: int, device: torch.device
     lo = -(-DENSE_MIN_TOKENS // DENSE_BUCKET) * DENSE_BUCKET
     lengths = range(lo, max_tokens + DENSE_BUCKET, DENSE_BUCKET) if max_tokens >= DENSE_MIN_TOKENS else range(0)
     lengths = lengths[:WARM_LENGTHS]
+    if not lengths:
+        return 0
+    q = torch.zeros(lengths[-1], attn.num_heads, attn.head_dim, device=device, dtype=dtype)  # [T_max, H, D]
+    kv = torch.zeros(lengths[-1], attn.num_kv_heads, attn.head_dim, device=device, dtype=dtype)  # [T_max, kvH, D]
     for t in lengths:
-        q = torch.zeros(t, attn.num_heads, attn.head_dim, device=device, dtype=dtype)  # [T, H, D]
-        kv = torch.zeros(t, attn.num_kv_heads, attn.head_dim, device=device, dtype=dtype)  # [T, kvH, D]
-        dense_causal(q, kv, kv, attn.scale)
+        dense_causal(q[:t], kv[:t], kv[:t], attn.scale)
     return len(lengths)
 
 

@@ -65,6 +65,12 @@ def fp8_linear(x: Tensor, q: Tensor, w_scale: Tensor, bias: Tensor | None, kerne
     return y if bias is None else y.add_(bias)
 
 
+def fp8_linear_nd(x: Tensor, q: Tensor, w_scale: Tensor, bias: Tensor | None, kernels) -> Tensor:
+    """fp8_linear over any leading dims: x [..., K] -> [..., N]."""
+    y = fp8_linear(x.reshape(-1, x.shape[-1]), q, w_scale, bias, kernels)  # [T, N]
+    return y.reshape(*x.shape[:-1], q.shape[0])
+
+
 class Fp8Linear(nn.Module):
     """An nn.Linear with e4m3 weights (one scale per output channel) run by fp8_linear; any leading dims."""
 
@@ -78,9 +84,7 @@ class Fp8Linear(nn.Module):
         self.kernels = kernels  # plugins.int8_gemm, or None for the CPU reference
 
     def forward(self, x: Tensor) -> Tensor:
-        y = fp8_linear(x.reshape(-1, self.in_features), self.weight, self.weight_scale, self.bias,
-                       self.kernels)  # [T, N]
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return fp8_linear_nd(x, self.weight, self.weight_scale, self.bias, self.kernels)  # [..., N]
 
 
 @torch.no_grad()
@@ -93,5 +97,5 @@ def quantize_linears(root: nn.Module, kernels) -> int:
     return len(found)
 
 
-__all__ = ["Fp8Linear", "quantize_linears", "FP8", "FP8_MAX", "check_device", "fp8_linear", "fp8_reference", "quantize_rows_reference",
-           "quantize_weight"]
+__all__ = ["FP8", "FP8_MAX", "Fp8Linear", "check_device", "fp8_linear", "fp8_linear_nd", "fp8_reference",
+           "quantize_linears", "quantize_rows_reference", "quantize_weight"]

@@ -160,9 +160,7 @@ class Fp8Method:
     name = "fp8"
 
     def apply(self, layer: LinearBase, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # [T, K]
-        y = fp8.fp8_linear(x2, layer.weight, layer.weight_scale, _bias(layer), _kernels(x2))  # [T, N]
-        return y.reshape(*x.shape[:-1], -1)
+        return fp8.fp8_linear_nd(x, layer.weight, layer.weight_scale, _bias(layer), _kernels(x))  # [..., N]
 
 
 _PLAIN_METHODS = {"int8-wo": Int8WeightOnlyMethod, "fp8": Fp8Method}  # no smoothing, no calibrated scales
