@@ -235,7 +235,8 @@ class LLMEngine:
         stop = state.stopped_by or (seq.last_token if seq.finish_reason == "stop" else None)
         return RequestOutput(rid, new_ids, text, seq.is_finished, seq.finish_reason, seq.num_prompt_tokens,
                              seq.num_output_tokens, seq.num_cached_tokens,
-                             [logprob] if logprob is not None else None, stop if seq.is_finished else None)
+                             [logprob] if logprob is not None else None, stop if seq.is_finished else None,
+                             seq.first_scheduled_time)
 
     # ---- lifecycle (tensor parallelism) ------------------------------------------------------------
     @property

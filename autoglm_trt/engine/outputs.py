@@ -19,6 +19,7 @@ class RequestOutput:
     num_cached_tokens: int  # prompt tokens served by the prefix cache
     logprobs: list[TokenLogprob] | None = None  # one per new token, when asked for
     stop_reason: str | int | None = None  # the stop string or token that ended it, if any
+    first_scheduled_time: float | None = None  # time.monotonic() when its prompt first ran (queue time ends)
 
 
 @dataclass

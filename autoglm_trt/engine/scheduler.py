@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -197,6 +198,7 @@ class Scheduler:
             self.waiting.pop(0)
             if seq.status is SequenceStatus.WAITING:
                 seq.num_cached_tokens = num_cached
+                seq.first_scheduled_time = time.monotonic()
             seq.num_computed_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

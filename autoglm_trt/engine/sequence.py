@@ -81,6 +81,7 @@ class Sequence:
         self.mrope_positions = mrope_positions  # [3, L] int64 tensor-like (runner's business) or None
         self.mrope_delta = mrope_delta  # position of token i >= L is i + mrope_delta on all 3 axes
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None  # time.monotonic() of its first step (queue time ends)
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.num_computed_tokens = 0  # tokens whose KV is in the cache (or will be after this step)

@@ -295,6 +295,9 @@ class AsyncEngineClient:
         if stream.first_token_time is None:
             stream.first_token_time = now
             self.metrics.observe_first_token(now - stream.arrival)
+            if out.first_scheduled_time is not None:
+                self.metrics.observe_phase("queue", out.first_scheduled_time - stream.arrival)
+                self.metrics.observe_phase("prefill", now - out.first_scheduled_time)
             if n > 1:
                 self.metrics.observe_inter_token(0.0, n - 1)
         else:
@@ -303,6 +306,8 @@ class AsyncEngineClient:
         stream.num_output_tokens += n
 
     def _record_finished(self, stream: RequestStream, finish_reason: str | None) -> None:
+        if stream.first_token_time is not None and finish_reason != "abort":
+            self.metrics.observe_phase("decode", stream.last_token_time - stream.first_token_time)
         self.metrics.observe_finished(time.monotonic() - stream.arrival, stream.num_prompt_tokens,
                                       stream.num_output_tokens, finish_reason)
 

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 
 from autoglm_trt.errors import UserError
+from autoglm_trt.serve.bench_metrics import phase_means_ms, scrape
 from autoglm_trt.utils.limits import raise_open_files_limit
 
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week "
@@ -66,6 +67,7 @@ class LevelSummary:
     mean_prompt_tokens: float
     mean_output_tokens: float
     first_error: str | None = None
+    server_ms: dict[str, float] | None = None  # the server's own mean ms per phase (bench_metrics), if it says
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -298,8 +300,10 @@ async def bench(url: str, concurrencies: list[int], prompt_len: int, gen_len: in
         words = await calibrate(client, target, prompt_len)
         levels = []
         for k, c in enumerate(concurrencies):
-            n = sizes[k]
-            levels.append(await run_level(target, c, n, max_seconds, words, seed + 1_000_000 * (k + 1)))
+            before = await scrape(client, base, headers)
+            level = await run_level(target, c, sizes[k], max_seconds, words, seed + 1_000_000 * (k + 1))
+            level.server_ms = phase_means_ms(before, await scrape(client, base, headers))
+            levels.append(level)
     return {"url": base, "model": model, "prompt_len": prompt_len, "gen_len": gen_len,
             "image": str(image) if image else None, "words_per_prompt": words,
             "levels": [asdict(level) for level in levels]}
@@ -324,10 +328,28 @@ def print_report(report: dict) -> None:
     if not console.is_terminal:  # NOTE: logs and CI get the whole table, not 80 wrapped columns
         console = Console(width=180)
     console.print(table)
+    _print_server_side(console, report["levels"])
     for lv in report["levels"]:
         if lv["first_error"]:
             console.print(f"[red]concurrency {lv['concurrency']}: {lv['failed']} failed; first error: "
                           f"{lv['first_error']}[/red]")
+
+
+def _print_server_side(console: Any, levels: list[dict]) -> None:
+    """The server's mean ms per phase, where its /metrics says (a client's TTFT = network + these)."""
+    phases = ("ttft", "preprocess", "queue", "prefill")
+    rows = [lv for lv in levels if lv.get("server_ms")]
+    if not rows:
+        return
+    from rich.table import Table
+
+    table = Table(title="server side (its /metrics), mean ms per request")
+    for col in ("concurrency", "TTFT", "preprocess", "queue", "prefill"):
+        table.add_column(col, justify="right")
+    for lv in rows:
+        ms = lv["server_ms"]
+        table.add_row(str(lv["concurrency"]), *(f"{ms[p]:.1f}" if p in ms else "-" for p in phases))
+    console.print(table)
 
 
 def run_bench(url: str, concurrencies: list[int], prompt_len: int, gen_len: int, image: Path | None = None,

@@ -14,8 +14,20 @@ _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                  10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
                 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 0.75,
+                  1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                 120.0, 240.0, 480.0)
+
+
+# the phases of a request, in order; their sums over requests explain the server's TTFT (vLLM's names)
+_PHASES = (
+    ("preprocess", "Building the prompt: chat template, tokenizer, image decoding and resizing.", _PHASE_BUCKETS),
+    ("queue", "Handed to the engine until its prompt first ran (waiting for a slot or KV blocks).",
+     _PHASE_BUCKETS),
+    ("prefill", "Its prompt's first step (vision tower included) until the first token.", _PHASE_BUCKETS),
+    ("decode", "First token to last token.", _E2E_BUCKETS),
+)
 
 
 class _EngineCollector:
@@ -71,6 +83,8 @@ class ServeMetrics:
                              "tokens of one request.", labels, buckets=_ITL_BUCKETS, registry=self.registry)
         self.e2e = Histogram("autoglm:e2e_request_latency_seconds", "Arrival to last token.", labels,
                              buckets=_E2E_BUCKETS, registry=self.registry)
+        self.phases = {name: Histogram(f"autoglm:request_{name}_time_seconds", doc, labels, buckets=buckets,
+                                       registry=self.registry) for name, doc, buckets in _PHASES}
         self.prompt_tokens = Counter("autoglm:prompt_tokens", "Prompt tokens processed.", labels,
                                      registry=self.registry)
         self.generation_tokens = Counter("autoglm:generation_tokens", "Tokens generated.", labels,
@@ -94,6 +108,10 @@ class ServeMetrics:
         child = self.itl.labels(self.model_name)
         for _ in range(max(num_tokens, 1)):
             child.observe(per_token)
+
+    def observe_phase(self, name: str, seconds: float) -> None:
+        """name: preprocess | queue | prefill | decode (see _PHASES)."""
+        self.phases[name].labels(self.model_name).observe(max(seconds, 0.0))
 
     def observe_finished(self, e2e_seconds: float, prompt_tokens: int, output_tokens: int,
                          finish_reason: str | None) -> None:

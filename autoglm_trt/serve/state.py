@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from autoglm_trt.serve.async_engine import AsyncEngineClient
 from autoglm_trt.serve.config import ServerConfig
@@ -12,6 +13,8 @@ from autoglm_trt.serve.errors import ServeError
 from autoglm_trt.serve.media import MediaPolicy
 from autoglm_trt.serve.metrics import ServeMetrics
 from autoglm_trt.serve.openai.logprobs import TokenText
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -37,6 +40,13 @@ class ServeState:
     def engine(self) -> Any:
         self.client.check_ready()
         return self.client.engine
+
+    async def preprocess(self, build: Callable[[], T]) -> T:
+        """Build prompts (template, tokenizer, image decoding: blocking) in a worker thread, timed."""
+        t0 = time.monotonic()
+        result = await asyncio.to_thread(build)
+        self.metrics.observe_phase("preprocess", time.monotonic() - t0)
+        return result
 
     @property
     def max_model_len(self) -> int:

@@ -176,12 +176,15 @@ def test_preempted_sequence_state_and_requeue():
     assert out.preempted == [b] and b.status is SequenceStatus.PREEMPTED
     assert b.num_computed_tokens == 0 and b.block_table == [] and b.num_output_tokens > 0
     assert sched.waiting == [b] and [s.seq for s in out.scheduled] == [a]
+    first_scheduled = b.first_scheduled_time
+    assert first_scheduled is not None and a.first_scheduled_time <= first_scheduled
     tokens_before = b.num_tokens
     sched.abort("a")
     out, _ = step(sched)
     assert out.scheduled[0].seq is b and out.scheduled[0].num_new_tokens == tokens_before
     assert out.scheduled[0].samples and b.num_tokens == tokens_before + 1
     assert b.num_cached_tokens == 0  # only the first admission reports cached tokens
+    assert b.first_scheduled_time == first_scheduled  # its queue time ended at its first admission
 
 
 def test_preemption_prefers_lower_priority():

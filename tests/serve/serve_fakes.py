@@ -82,6 +82,7 @@ class _Req:
     prompt: FakePrompt
     params: Any
     out: list[int] = field(default_factory=list)
+    first_scheduled: float | None = None  # time.monotonic() of its first step
 
 
 class FakeEngine:
@@ -135,6 +136,7 @@ class FakeEngine:
         outputs = []
         running = list(self.requests.items())[: self.config.scheduler.max_num_seqs]
         for rid, req in running:
+            req.first_scheduled = req.first_scheduled or time.monotonic() - self.step_delay
             outputs.append(self._advance(rid, req))
         return outputs
 
@@ -157,7 +159,7 @@ class FakeEngine:
         if reason:
             del self.requests[rid]
         return RequestOutput(rid, [tok], text, reason is not None, reason, len(req.prompt.prompt_token_ids),
-                             len(req.out), 0, lp)
+                             len(req.out), 0, lp, first_scheduled_time=req.first_scheduled)
 
     def blocks_in_use(self) -> int:
         return sum(-(-(len(r.prompt.prompt_token_ids) + len(r.out)) // BLOCK) for r in self.requests.values())

@@ -11,6 +11,8 @@ import pytest
 from autoglm_trt.serve.bench import (RequestResult, make_prompt, normalize_url, parse_sse_line, percentile,
                                      run_bench, summarize)
 
+from autoglm_trt.serve.bench_metrics import parse_totals, phase_means_ms
+
 from serve_fakes import FakeEngine
 from serve_harness import InProcessServer
 
@@ -53,7 +55,31 @@ def test_bench_run_over_loopback(tmp_path, capsys):
         assert lv["requests"] == 8 and lv["failed"] == 0 and lv["mean_output_tokens"] == 16
         assert lv["output_tokens_per_s"] > 0 and lv["ttft_p50_ms"] > 0 and lv["itl_p99_ms"] >= lv["itl_p50_ms"]
         assert abs(lv["mean_prompt_tokens"] - 60) <= 12  # calibrated (char tokenizer: ~6 tokens a word)
-    assert "TTFT p50 ms" in capsys.readouterr().out
+        ms = lv["server_ms"]  # the server's own phases, from its /metrics
+        assert set(ms) == {"ttft", "preprocess", "queue", "prefill"} and min(ms.values()) >= 0
+        assert ms["prefill"] >= 1.0  # one fake step of 1 ms at least
+        assert ms["queue"] + ms["prefill"] == pytest.approx(ms["ttft"], abs=2.0)
+        assert ms["ttft"] <= lv["ttft_p99_ms"]
+    printed = capsys.readouterr().out
+    assert "TTFT p50 ms" in printed and "server side" in printed
+
+
+def test_metrics_totals_ours_and_vllms():
+    page = """# HELP autoglm:request_queue_time_seconds x
+autoglm:request_queue_time_seconds_bucket{le="0.1",model_name="m"} 1.0
+autoglm:request_queue_time_seconds_sum{model_name="m"} 0.5
+autoglm:request_queue_time_seconds_count{model_name="m"} 2.0
+vllm:request_prefill_time_seconds_sum{engine="0",model_name="a"} 1.0
+vllm:request_prefill_time_seconds_count{engine="0",model_name="a"} 4.0
+vllm:request_prefill_time_seconds_sum{engine="1",model_name="a"} 3.0
+vllm:request_prefill_time_seconds_count{engine="1",model_name="a"} 4.0
+"""
+    before = parse_totals(page)
+    assert before == {"autoglm:request_queue_time_seconds": (0.5, 2.0), "vllm:request_prefill_time_seconds": (4.0, 8.0)}
+    after = dict(before, **{"autoglm:request_queue_time_seconds": (2.5, 6.0)})
+    assert phase_means_ms(before, after) == {"queue": pytest.approx(500.0)}  # prefill: no new requests
+    assert phase_means_ms({}, before) == {"queue": 250.0, "prefill": 500.0}
+    assert phase_means_ms(None, before) is None
 
 
 def test_unique_images_differ_and_decode(tmp_path):

@@ -129,7 +129,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                     [len(p.prompt_token_ids) for p in prompts], max_len)
             return parsed, prompts
 
-        return await asyncio.to_thread(work)
+        return await self.state.preprocess(work)
 
     async def _submit(self, parsed: ensemble.EnsembleRequest, prompts: list) -> list:
         base = f"grpc-{uuid.uuid4().hex}"

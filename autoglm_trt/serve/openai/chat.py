@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -58,7 +57,7 @@ async def create_chat_completion(state: ServeState, req: P.ChatCompletionRequest
     state.check_model(req.model)
     engine = state.engine
     check_parts(req.messages, state.config.limit_images_per_prompt)
-    prompt = await asyncio.to_thread(_build_prompt, state, engine, req)
+    prompt = await state.preprocess(lambda: _build_prompt(state, engine, req))
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, req.max_completion_tokens or req.max_tokens, top,
                              len(prompt.prompt_token_ids), state.max_model_len)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Any, AsyncIterator
 
@@ -46,7 +45,7 @@ async def create_completion(state: ServeState, req: P.CompletionRequest) -> dict
     if req.suffix:
         raise ServeError("suffix is not supported by this model", param="suffix")
     prompts = _prompts(req)
-    processed = await asyncio.to_thread(lambda: [_process(engine, p) for p in prompts])
+    processed = await state.preprocess(lambda: [_process(engine, p) for p in prompts])
     request_id = f"cmpl-{uuid.uuid4().hex}"
     items = []
     for k, prompt in enumerate(processed):
