@@ -200,7 +200,7 @@ class CacheConfig:
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 64  # sequences running at once
-    max_num_batched_tokens: int = 4096  # token budget of one step (chunked prefill splits past it)
+    max_num_batched_tokens: int = 8192  # token budget of one step (chunked prefill splits past it)
     max_model_len: int = 25480  # prompt + generated tokens of one sequence
 
     def __post_init__(self) -> None:

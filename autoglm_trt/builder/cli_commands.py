@@ -47,7 +47,7 @@ def export_cmd(
     vision: bool = typer.Option(True, "--vision/--no-vision", help="export the vision encoder"),
     max_batch_size: int = typer.Option(64, help="profile max: sequences per step"),
     max_seq_len: int = typer.Option(8192, help="profile max: past + new tokens of a sequence"),
-    max_num_tokens: int = typer.Option(4096, help="profile max: new tokens per sequence per step"),
+    max_num_tokens: int = typer.Option(8192, help="profile max: new tokens per sequence per step"),
     max_image_patches: int = typer.Option(16384, help="profile max: vision patches per call"),
 ) -> None:
     """Export the text decoder and vision encoder to ONNX, with TensorRT optimization profiles."""
@@ -77,7 +77,7 @@ def build_cmd(
     tp: int = typer.Option(1, "--tp", help="tensor-parallel ranks (one rank{N}.safetensors each)"),
     max_batch_size: int = typer.Option(64, help="sequences per step"),
     max_seq_len: int = typer.Option(8192, help="prompt + generated tokens of one sequence"),
-    max_num_tokens: int = typer.Option(4096, help="tokens per step"),
+    max_num_tokens: int = typer.Option(8192, help="tokens per step"),
     max_image_patches: int = typer.Option(16384, help="vision patches per encoder call"),
     page_size: int = typer.Option(16, help="KV-cache block size in tokens"),
     cuda_graph_batch_sizes: str = typer.Option(_GRAPH_SIZES, help="decode batch sizes to capture, e.g. 1,2,4,8"),

@@ -38,7 +38,7 @@ class ShapeLimits:
 
     max_batch_size: int = 64  # sequences in one step
     max_seq_len: int = 8192  # prompt + generated tokens of one sequence
-    max_num_tokens: int = 4096  # tokens in one step (chunked prefill splits longer prompts)
+    max_num_tokens: int = 8192  # tokens in one step (chunked prefill splits longer prompts)
     max_image_patches: int = 16384  # vision patches in one encoder call (16384 = a 1792x1792 image)
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ Messages = list[dict]
 
 
 # Defaults of the options an engine directory's build also fixes (engine_defaults there wins over these).
-DEFAULTS = {"max_model_len": 8192, "max_num_seqs": 64, "max_num_batched_tokens": 4096, "block_size": 16,
+DEFAULTS = {"max_model_len": 8192, "max_num_seqs": 64, "max_num_batched_tokens": 8192, "block_size": 16,
             "cuda_graph_batch_sizes": None, "tensor_parallel_size": 1, "quant": "none", "act_quant": "dynamic"}
 
 

@@ -3,8 +3,8 @@
 Weights: float8_e4m3fn [N, K] with one fp32 scale per output channel (amax / 448), quantized once at load.
 Activations: per token, dynamic (amax / 448 per row, one Triton pass), and the product on the FP8 tensor
 cores through `torch._scaled_mm` (row-wise scales, bf16 out; Hopper and Ada: compute capability >= 8.9).
-Decode steps of at most 8 rows are memory-bound: they take the Triton GEMV with the fp8 weights and bf16
-activations instead (the weight bytes are the cost, half of bf16's), as W8A16 does for int8.
+Decode steps of one or two rows take the Triton GEMV with the fp8 weights and bf16 activations instead (the weight
+bytes are the cost, half of bf16's), as W8A16 does for int8; from three rows cuBLAS's FP8 GEMM is faster.
 The vision blocks' linears take the same mode at load time (`Fp8Linear`, `quantize_linears`): their weights
 stay bf16 on disk and in engine directories, as vLLM quantizes a bf16 checkpoint's vision encoder under
 `--quantization fp8`; a screenshot's 13k patches make those GEMMs compute-bound.
@@ -20,7 +20,9 @@ from autoglm_trt.errors import UserError
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-GEMV_ROWS = 8  # at most this many rows -> the weight-only GEMV (plugins/triton_gemv.MAX_BLOCK_M)
+# at most this many rows -> the weight-only GEMV; from 3 rows cuBLAS's FP8 GEMM wins (H100, benchmarks/profile_steps.py:
+# a decode step at batch 4 / 8 took 8.8 / 14.2 ms through the GEMV, 7.7 / 7.7 ms through _scaled_mm; 6.6 vs 7.6 at 2)
+GEMV_ROWS = 2
 MIN_CAPABILITY = (8, 9)
 _EPS = 1e-12
 

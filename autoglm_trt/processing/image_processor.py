@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import warnings
 import io
 import math
 from dataclasses import dataclass
@@ -197,8 +198,11 @@ class ImageProcessor:
         rgb = to_rgb(image)
         h, w = self.resized_size(rgb.height, rgb.width, min_pixels, max_pixels)
         grid = (1, h // self.patch_size, w // self.patch_size)
-        array = np.array(rgb)  # [H, W, 3] uint8 (a writable copy: torch shares it)
-        out = ImageInput(rgb=torch.from_numpy(array), resized=(h, w), spec=self.spec, grid_thw=grid,
+        array = np.asarray(rgb)  # [H, W, 3] uint8: a read-only view of PIL's bytes (np.array copied them again)
+        with warnings.catch_warnings():  # NOTE: read-only is fine: nothing writes into an image's pixels
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(array)
+        out = ImageInput(rgb=tensor, resized=(h, w), spec=self.spec, grid_thw=grid,
                          content_hash=image_hash(array, grid, image.info.get(SOURCE_DIGEST)),
                          num_tokens=grid[1] * grid[2] // self.merge_size ** 2)
         if self.pixels_in_preprocess or not device_ok(out.rgb, out.resized):
