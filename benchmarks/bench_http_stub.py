@@ -7,6 +7,10 @@ load generator (`autoglm-trt bench`) run in processes of their own. Output tok/s
 layer is not what limits a GPU run; near the stub's own rate it is. No GPU needed.
 
     python benchmarks/bench_http_stub.py --concurrency 128,512 [--window-ms 168] [--tokens-per-window 8]
+        [--launch-ops 2000]
+
+--launch-ops N makes every stub step first run N tiny torch calls, each releasing the GIL as a kernel launch
+does, and prints how long they took: what the serving threads' GIL use costs an eager step's launches.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ from autoglm_trt.serve.config import ServerConfig
 class StubCore:
     """Stands in for the engine's scheduler and GPU: fixed-length windows, every running request advances."""
 
-    def __init__(self, max_num_seqs: int, window_s: float, per_window: int) -> None:
+    def __init__(self, max_num_seqs: int, window_s: float, per_window: int, launch_ops: int = 0) -> None:
         self.max_num_seqs, self.window_s, self.per_window = max_num_seqs, window_s, per_window
+        self.launch_ops = launch_ops  # tiny torch ops per step, each releasing the GIL like a kernel launch
+        self.launch_ms: list[float] = []
         self.running: dict[str, list[int]] = {}  # request id -> [prompt tokens, max tokens, produced]
         self.waiting: list[tuple[str, list[int]]] = []
 
@@ -51,6 +57,7 @@ class StubCore:
         while self.waiting and len(self.running) < self.max_num_seqs:
             rid, row = self.waiting.pop(0)
             self.running[rid] = row
+        self._launch()
         time.sleep(self.window_s)
         outs = []
         for rid, row in list(self.running.items()):
@@ -61,6 +68,23 @@ class StubCore:
             if done:
                 del self.running[rid]
         return outs
+
+
+    def _launch(self) -> None:
+        """Stand-in for an eager step's kernel launches: launch_ops torch calls, timed (printed every 20 steps)."""
+        if not self.launch_ops:
+            return
+        import torch
+
+        a = torch.ones(4)
+        t0 = time.perf_counter()
+        for _ in range(self.launch_ops):
+            torch.add(a, a, out=a)
+        self.launch_ms.append(1e3 * (time.perf_counter() - t0))
+        if len(self.launch_ms) % 20 == 0:
+            last = self.launch_ms[-20:]
+            print(f"stub launches: {self.launch_ops} ops took {sum(last) / 20:.1f} ms a step (mean of 20), "
+                  f"{len(self.running)} running", file=sys.stderr, flush=True)
 
 
 def stub_engine(model_dir: str, core: StubCore):
@@ -111,6 +135,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--window-ms", type=float, default=168.0, help="one GPU window (H100, 512 seqs x 8 steps)")
     ap.add_argument("--tokens-per-window", type=int, default=8)
+    ap.add_argument("--launch-ops", type=int, default=0,
+                    help="GIL-releasing torch calls per step (an eager step's kernel launches), timed")
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--num-requests", type=int, default=None)
     ap.add_argument("--logprobs", action="store_true")
@@ -123,7 +149,7 @@ def main() -> None:
 
         model_dir = str(Path(tempfile.mkdtemp()) / "tiny")
         init_random(model_dir, preset="tiny", seed=0, show_progress=False)
-    core = StubCore(args.max_num_seqs, args.window_ms / 1e3, args.tokens_per_window)
+    core = StubCore(args.max_num_seqs, args.window_ms / 1e3, args.tokens_per_window, args.launch_ops)
     out = args.json or str(Path(tempfile.mkdtemp()) / "stub.json")
     bench_args = ["--concurrency", args.concurrency, "--prompt-len", "467", "--gen-len", str(args.gen_len),
                   "--max-seconds", "60", "--json", out]

@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--num-decode-steps", type=int, default=8)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     ap.add_argument("--graph-sizes", default="", help="decode CUDA-graph batch sizes (default: the engine's)")
+    ap.add_argument("--quant", default="none", help="none | fp8 | int8-wo | w8a8 (quantized at load)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from autoglm_trt.engine.llm import LLM
@@ -76,7 +77,7 @@ def main() -> None:
     for seqs in [int(s) for s in args.max_num_seqs.split(",")]:
         llm = LLM(args.model_dir, dtype="bfloat16", max_model_len=2048, max_num_seqs=seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, num_decode_steps=args.num_decode_steps,
-                  gpu_memory_utilization=args.gpu_memory_utilization,
+                  gpu_memory_utilization=args.gpu_memory_utilization, quant=args.quant,
                   cuda_graph_batch_sizes=tuple(int(b) for b in args.graph_sizes.split(",")) if args.graph_sizes else None)
         # warm-up: compile and autotune every kernel specialization the timed run meets (Triton specializes
         # on sizes: a warm-up of 64 prompts left ~1 s of compiling in the timed mixed steps on an H100)

@@ -6,7 +6,7 @@
 # Writes OUT_DIR/serve.log, text.json, image.json (and throughput.json). Environment: TEXT_LEVELS, IMAGE_LEVELS
 # (comma-separated client counts), MAX_SECONDS (per text level), NUM_REQUESTS (per text level; default 4 x clients),
 # NOLP_LEVELS (text levels run again without logprobs, as a throughput client asks: greedy requests without
-# logprobs decode several steps per GPU window; empty: none).
+# logprobs decode several steps per GPU window; empty: none), NOLP_SECONDS and NOLP_REQUESTS (per such level).
 # The text and image levels ask for logprobs so that every token arrives in a chunk of its own (TTFT, ITL).
 set -euo pipefail
 model=$1 out=$2
@@ -30,6 +30,7 @@ python -c "from autoglm_trt.calibration.screens import draw_screen; draw_screen(
   --logprobs --image /tmp/shot.png --unique-images --num-requests 8 --json "$out/image.json"
 if [ -n "${NOLP_LEVELS:-}" ]; then
   "${cli[@]}" bench http://127.0.0.1:8000 --concurrency "$NOLP_LEVELS" --prompt-len 467 --gen-len 256 \
-    --max-seconds "${MAX_SECONDS:-60}" ${NUM_REQUESTS:+--num-requests "$NUM_REQUESTS"} --json "$out/throughput.json"
+    --max-seconds "${NOLP_SECONDS:-${MAX_SECONDS:-60}}" ${NOLP_REQUESTS:+--num-requests "$NOLP_REQUESTS"} \
+    --json "$out/throughput.json"
 fi
 grep -E "ready|KV|captured|listening" "$out/serve.log" | head -20 || true
