@@ -109,3 +109,8 @@ def test_bench_against_the_server(server, tmp_path):
         assert level["failed"] == 0 and level["mean_output_tokens"] == 8
         assert 0 < level["ttft_p50_ms"] <= level["ttft_p99_ms"] and 0 < level["itl_p50_ms"] <= level["itl_p99_ms"]
         assert abs(level["mean_prompt_tokens"] - 64) <= 16
+        # the real engine's phases, read from /metrics around the level: queue + prefill make the server's TTFT
+        ms = level["server_ms"]
+        assert min(ms[p] for p in ("preprocess", "queue", "prefill")) > 0
+        assert ms["queue"] + ms["prefill"] == pytest.approx(ms["ttft"], rel=0.05, abs=1.0)
+        assert ms["ttft"] < level["ttft_p99_ms"]
