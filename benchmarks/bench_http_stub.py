@@ -37,7 +37,7 @@ class StubCore:
         self.max_num_seqs, self.window_s, self.per_window = max_num_seqs, window_s, per_window
         self.launch_ops = launch_ops  # tiny torch ops per step, each releasing the GIL like a kernel launch
         self.launch_ms: list[float] = []
-        self.running: dict[str, list[int]] = {}  # request id -> [prompt tokens, max tokens, produced]
+        self.running: dict[str, list] = {}  # request id -> [prompt tokens, max tokens, produced, admitted at]
         self.waiting: list[tuple[str, list[int]]] = []
 
     def add_request(self, request_id, prompt, params) -> None:
@@ -56,7 +56,7 @@ class StubCore:
     def step(self) -> list[RequestOutput]:
         while self.waiting and len(self.running) < self.max_num_seqs:
             rid, row = self.waiting.pop(0)
-            self.running[rid] = row
+            self.running[rid] = row + [time.monotonic()]
         self._launch()
         time.sleep(self.window_s)
         outs = []
@@ -64,7 +64,8 @@ class StubCore:
             n = min(self.per_window, row[1] - row[2])
             row[2] += n
             done = row[2] >= row[1]
-            outs.append(RequestOutput(rid, [42] * n, " hi" * n, done, "length" if done else None, row[0], row[2], 0))
+            outs.append(RequestOutput(rid, [42] * n, " hi" * n, done, "length" if done else None, row[0], row[2], 0,
+                                      first_scheduled_time=row[3]))
             if done:
                 del self.running[rid]
         return outs

@@ -12,6 +12,7 @@ each under torch.profiler (kernels inside CUDA graphs included) unless --no-prof
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -74,8 +75,8 @@ def image_steps(eng, size: tuple[int, int], rows: int, profile: bool) -> None:
         torch.cuda.synchronize()
         return 1e3 * (t1 - t0), 1e3 * (time.perf_counter() - t1)
 
-    runs = [one(100 + s) for s in range(5)][1:]
-    cpu, step = sorted(r[0] for r in runs)[1], sorted(r[1] for r in runs)[1]
+    runs = [one(100 + s) for s in range(5)][1:]  # the first is warm-up
+    cpu, step = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
     print(f"   screenshot {size[0]}x{size[1]}: prompt building {cpu:.1f} ms, first step {step:.1f} ms (median)",
           flush=True)
     if profile:
@@ -113,7 +114,7 @@ def main() -> None:
             decode_ms(eng, args.batch, 4, 20 + s)
         pre = [prefill_ms(eng, args.prompt_len + 3 + s, 30 + s) for s in range(5)]
         dec = decode_ms(eng, args.batch, 32, 40)
-        print(f"== quant {quant}: prefill of {args.prompt_len} tokens {sorted(pre)[2]:.1f} ms (median of 5); "
+        print(f"== quant {quant}: prefill of {args.prompt_len} tokens {statistics.median(pre):.1f} ms (median of 5); "
               f"decode step at batch {args.batch} {dec:.2f} ms", flush=True)
         for b in [int(v) for v in args.batches.split(",") if v]:
             print(f"   decode step at batch {b}: {decode_ms(eng, b, 32, 70 + b):.2f} ms", flush=True)

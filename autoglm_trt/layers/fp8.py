@@ -4,7 +4,9 @@ Weights: float8_e4m3fn [N, K] with one fp32 scale per output channel (amax / 448
 Activations: per token, dynamic (amax / 448 per row, one Triton pass), and the product on the FP8 tensor
 cores through `torch._scaled_mm` (row-wise scales, bf16 out; Hopper and Ada: compute capability >= 8.9).
 Decode steps of one or two rows take the Triton GEMV with the fp8 weights and bf16 activations instead (the weight
-bytes are the cost, half of bf16's), as W8A16 does for int8; from three rows cuBLAS's FP8 GEMM is faster.
+bytes are the cost, half of bf16's), as W8A16 does for int8; from three rows cuBLAS's FP8 GEMM is faster. So the
+activations are rounded to e4m3 only from three rows on: a greedy request's tokens can depend on how many others
+share its decode step (as they did at the old 8 / 9 boundary).
 The vision blocks' linears take the same mode at load time (`Fp8Linear`, `quantize_linears`): their weights
 stay bf16 on disk and in engine directories, as vLLM quantizes a bf16 checkpoint's vision encoder under
 `--quantization fp8`; a screenshot's 13k patches make those GEMMs compute-bound.

@@ -17,9 +17,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import warnings
 import io
 import math
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+# NOTE: ImageInput.rgb is a read-only buffer (preprocess); nothing writes into it, so torch's warning about
+# sharing one is noise. Set once: warnings.catch_warnings() is not thread-safe (prompts are built in threads).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 from autoglm_trt.errors import UserError
 from autoglm_trt.processing.pixels import PixelSpec, cpu_pixels, device_ok, device_pixels
@@ -41,7 +45,8 @@ MAX_ASPECT_RATIO = 200  # transformers' smart_resize refuses longer/shorter side
 class ImageInput:
     """One decoded image and how it becomes vision-tower patches (the pixel work runs where it is used)."""
 
-    rgb: torch.Tensor  # [H, W, 3] uint8: the decoded image, transparency composited onto white
+    rgb: torch.Tensor  # [H, W, 3] uint8: the decoded image, transparency composited onto white; READ-ONLY memory
+    # (a view of an immutable bytes object): copy before any in-place op
     resized: tuple[int, int]  # (h, w) it is resized to: multiples of patch_size * merge_size
     spec: PixelSpec
     grid_thw: tuple[int, int, int]  # patches along (t, h, w) before the 2x2 merge
@@ -198,11 +203,8 @@ class ImageProcessor:
         rgb = to_rgb(image)
         h, w = self.resized_size(rgb.height, rgb.width, min_pixels, max_pixels)
         grid = (1, h // self.patch_size, w // self.patch_size)
-        array = np.asarray(rgb)  # [H, W, 3] uint8: a read-only view of PIL's bytes (np.array copied them again)
-        with warnings.catch_warnings():  # NOTE: read-only is fine: nothing writes into an image's pixels
-            warnings.simplefilter("ignore", UserWarning)
-            tensor = torch.from_numpy(array)
-        out = ImageInput(rgb=tensor, resized=(h, w), spec=self.spec, grid_thw=grid,
+        array = np.asarray(rgb)  # [H, W, 3] uint8: a read-only view of tobytes()'s copy (np.array copied it again)
+        out = ImageInput(rgb=torch.from_numpy(array), resized=(h, w), spec=self.spec, grid_thw=grid,
                          content_hash=image_hash(array, grid, image.info.get(SOURCE_DIGEST)),
                          num_tokens=grid[1] * grid[2] // self.merge_size ** 2)
         if self.pixels_in_preprocess or not device_ok(out.rgb, out.resized):

@@ -298,15 +298,16 @@ async def bench(url: str, concurrencies: list[int], prompt_len: int, gen_len: in
         if image is not None and unique_images:  # two calibration requests, then every level's
             target.image_variants = image_variants(image, 2 + sum(sizes))
         words = await calibrate(client, target, prompt_len)
-        levels = []
+        levels, why_not = [], None
         for k, c in enumerate(concurrencies):
-            before = await scrape(client, base, headers)
+            before, why_not = await scrape(client, base, headers)
             level = await run_level(target, c, sizes[k], max_seconds, words, seed + 1_000_000 * (k + 1))
-            level.server_ms = phase_means_ms(before, await scrape(client, base, headers))
+            after, why_not = await scrape(client, base, headers) if before else (None, why_not)
+            level.server_ms = phase_means_ms(before, after)
             levels.append(level)
     return {"url": base, "model": model, "prompt_len": prompt_len, "gen_len": gen_len,
             "image": str(image) if image else None, "words_per_prompt": words,
-            "levels": [asdict(level) for level in levels]}
+            "levels": [asdict(level) for level in levels], "server_side_unavailable": why_not}
 
 
 def print_report(report: dict) -> None:
@@ -328,18 +329,20 @@ def print_report(report: dict) -> None:
     if not console.is_terminal:  # NOTE: logs and CI get the whole table, not 80 wrapped columns
         console = Console(width=180)
     console.print(table)
-    _print_server_side(console, report["levels"])
+    _print_server_side(console, report["levels"], report.get("server_side_unavailable"))
     for lv in report["levels"]:
         if lv["first_error"]:
             console.print(f"[red]concurrency {lv['concurrency']}: {lv['failed']} failed; first error: "
                           f"{lv['first_error']}[/red]")
 
 
-def _print_server_side(console: Any, levels: list[dict]) -> None:
+def _print_server_side(console: Any, levels: list[dict], why_not: str | None) -> None:
     """The server's mean ms per phase, where its /metrics says (a client's TTFT = network + these)."""
     phases = ("ttft", "preprocess", "queue", "prefill")
     rows = [lv for lv in levels if lv.get("server_ms")]
     if not rows:
+        if why_not:
+            console.print(f"[dim]no server-side breakdown ({why_not})[/dim]")
         return
     from rich.table import Table
 

@@ -1,11 +1,14 @@
 """The server's side of a benchmark level: its /metrics scraped before and after, as mean ms per phase.
 
 A client's TTFT is network + preprocess (template, tokenizer, image decoding) + the server's TTFT, which is
-queue (waiting for a slot) + prefill (vision tower and prompt, until the first token). Our server exports all three;
+queue (waiting for a slot) + prefill (vision tower and prompt, until the first token). These add up for the
+requests the bench sends (one prompt, n = 1); see serve/metrics.py for what each phase holds. Our server exports all three;
 a vLLM server exports the same histograms under `vllm:` (no preprocess). Servers without /metrics give None.
 """
 
 from __future__ import annotations
+
+import re
 
 import httpx
 
@@ -20,32 +23,43 @@ HISTOGRAMS = {
 Totals = dict[str, tuple[float, float]]  # histogram name -> (sum, count) over all its label sets
 
 
+# one sample line: name, optional {labels} (quoted values may hold spaces or braces), value, optional timestamp
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})?\s+(\S+)(?:\s+-?\d+)?\s*$')
+
+
 def parse_totals(text: str) -> Totals:
-    """`name_sum` and `name_count` lines of a Prometheus text page, summed over labels."""
+    """`name_sum` and `name_count` samples of a Prometheus text page, summed over label sets; histograms
+    without both are left out."""
     wanted = {name for names in HISTOGRAMS.values() for name in names}
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
+    found: dict[str, list[float]] = {}  # name -> [sum, count, seen flags]
     for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
+        m = _SAMPLE.match(line)
+        if m is None:
             continue
-        key, _, value = line.rpartition(" ")
-        metric = key.split("{", 1)[0]
-        for suffix, into in (("_sum", sums), ("_count", counts)):
+        metric, value = m.group(1), m.group(2)
+        for i, suffix in enumerate(("_sum", "_count")):
             base = metric[: -len(suffix)]
             if metric.endswith(suffix) and base in wanted:
                 try:
-                    into[base] = into.get(base, 0.0) + float(value)
+                    v = float(value)
                 except ValueError:
-                    pass
-    return {name: (sums.get(name, 0.0), counts[name]) for name in counts}
+                    continue
+                entry = found.setdefault(base, [0.0, 0.0, 0])
+                entry[i] += v
+                entry[2] |= 1 << i
+    return {name: (e[0], e[1]) for name, e in found.items() if e[2] == 3}
 
 
-async def scrape(client: httpx.AsyncClient, base_url: str, headers: dict) -> Totals | None:
+async def scrape(client: httpx.AsyncClient, base_url: str, headers: dict) -> tuple[Totals | None, str | None]:
+    """(the server's histogram totals, None), or (None, why not) when its /metrics can't be read."""
     try:
-        resp = await client.get(f"{base_url}/metrics", headers=headers)
-    except httpx.HTTPError:
-        return None
-    return parse_totals(resp.text) if resp.status_code == 200 else None
+        resp = await client.get(f"{base_url}/metrics", headers=headers, timeout=10.0)
+    except httpx.HTTPError as exc:
+        return None, f"{base_url}/metrics: {type(exc).__name__}: {exc}"
+    if resp.status_code != 200:
+        return None, f"{base_url}/metrics answered HTTP {resp.status_code}"
+    totals = parse_totals(resp.text)
+    return (totals, None) if totals else (None, f"{base_url}/metrics has no latency histograms we know")
 
 
 def phase_means_ms(before: Totals | None, after: Totals | None) -> dict[str, float] | None:

@@ -21,6 +21,11 @@ from PIL import Image
 from autoglm_trt.processing.image_processor import SOURCE_DIGEST
 from autoglm_trt.serve.errors import ServeError
 
+# NOTE: our own pixel limit (MediaPolicy.max_image_pixels, checked before decoding) is the guard; PIL's warning
+# at 89 M pixels would only repeat it. Set once here: warnings.catch_warnings() per call is not thread-safe, and
+# images are decoded in worker threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 ALLOWED_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 _DATA_MIME = {"image/png", "image/jpeg", "image/jpg", "image/webp"}
 
@@ -114,24 +119,21 @@ def decode_image(data: bytes, policy: MediaPolicy, index: int | None = None) -> 
     if len(data) > policy.max_image_bytes:
         raise _bad(f"image is larger than {policy.max_image_bytes} bytes", index)
     try:
-        with warnings.catch_warnings():
-            # NOTE: our own pixel limit below is the guard; PIL's (89 M) would shadow the config.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # reads the header only
-            if img.format not in ALLOWED_FORMATS:
-                raise _bad(f"unsupported image format {img.format} (png, jpeg or webp)", index)
-            w, h = img.size
-            # NOTE: checked before load(): the header's size is what decoding would allocate.
-            if w * h > policy.max_image_pixels:
-                raise _bad(f"image is {w}x{h} = {w * h} pixels, more than the server's limit of "
-                           f"{policy.max_image_pixels} (decompression-bomb guard)", index)
-            if w < 1 or h < 1:
-                raise _bad(f"image has an empty size {w}x{h}", index)
-            img.load()
-            # NOTE: the mode stays: the processor composites transparency onto white as transformers does (a
-            # convert("RGB") here dropped alpha, and copied an RGB screenshot for nothing)
-            img.info[SOURCE_DIGEST] = hashlib.sha256(data).hexdigest()  # the image's identity, 5x less to hash
-            return img
+        img = Image.open(io.BytesIO(data))  # reads the header only
+        if img.format not in ALLOWED_FORMATS:
+            raise _bad(f"unsupported image format {img.format} (png, jpeg or webp)", index)
+        w, h = img.size
+        # NOTE: checked before load(): the header's size is what decoding would allocate.
+        if w * h > policy.max_image_pixels:
+            raise _bad(f"image is {w}x{h} = {w * h} pixels, more than the server's limit of "
+                       f"{policy.max_image_pixels} (decompression-bomb guard)", index)
+        if w < 1 or h < 1:
+            raise _bad(f"image has an empty size {w}x{h}", index)
+        img.load()
+        # NOTE: the mode stays: the processor composites transparency onto white as transformers does (a
+        # convert("RGB") here dropped alpha, and copied an RGB screenshot for nothing)
+        img.info[SOURCE_DIGEST] = hashlib.sha256(data).hexdigest()  # the image's identity, 5x less to hash
+        return img
     except ServeError:
         raise
     except Image.DecompressionBombError as exc:

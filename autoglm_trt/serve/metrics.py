@@ -20,9 +20,14 @@ _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.
                 120.0, 240.0, 480.0)
 
 
-# the phases of a request, in order; their sums over requests explain the server's TTFT (vLLM's names)
+# The phases of a request, in order (vLLM's names for queue, prefill and decode). Preprocess is one observation per
+# API request (all its prompts and n choices; worker-thread wait and remote image downloads included); the others
+# are one per engine sequence. Queue + prefill = the server's TTFT; prefill ends when the event loop hands the first
+# token on, and on a GPU it holds the image's resize (done in the engine step). Requests aborted before their first
+# token record no queue time.
 _PHASES = (
-    ("preprocess", "Building the prompt: chat template, tokenizer, image decoding and resizing.", _PHASE_BUCKETS),
+    ("preprocess", "Building the prompt: chat template, tokenizer, image decoding (and resizing on a CPU).",
+     _PHASE_BUCKETS),
     ("queue", "Handed to the engine until its prompt first ran (waiting for a slot or KV blocks).",
      _PHASE_BUCKETS),
     ("prefill", "Its prompt's first step (vision tower included) until the first token.", _PHASE_BUCKETS),

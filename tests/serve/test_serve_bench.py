@@ -67,8 +67,10 @@ def test_bench_run_over_loopback(tmp_path, capsys):
 def test_metrics_totals_ours_and_vllms():
     page = """# HELP autoglm:request_queue_time_seconds x
 autoglm:request_queue_time_seconds_bucket{le="0.1",model_name="m"} 1.0
-autoglm:request_queue_time_seconds_sum{model_name="m"} 0.5
-autoglm:request_queue_time_seconds_count{model_name="m"} 2.0
+autoglm:request_queue_time_seconds_sum{model_name="a } b"} 0.5 1700000000000
+autoglm:request_queue_time_seconds_count{model_name="a } b"} 2.0
+autoglm:request_prefill_time_seconds_count{model_name="m"} 7.0
+vllm:time_to_first_token_seconds_sum 3.0
 vllm:request_prefill_time_seconds_sum{engine="0",model_name="a"} 1.0
 vllm:request_prefill_time_seconds_count{engine="0",model_name="a"} 4.0
 vllm:request_prefill_time_seconds_sum{engine="1",model_name="a"} 3.0
@@ -79,7 +81,30 @@ vllm:request_prefill_time_seconds_count{engine="1",model_name="a"} 4.0
     after = dict(before, **{"autoglm:request_queue_time_seconds": (2.5, 6.0)})
     assert phase_means_ms(before, after) == {"queue": pytest.approx(500.0)}  # prefill: no new requests
     assert phase_means_ms({}, before) == {"queue": 250.0, "prefill": 500.0}
-    assert phase_means_ms(None, before) is None
+    assert phase_means_ms(None, before) is None  # (a sum without its count, or a count alone, is left out)
+
+
+def test_scrape_says_why_there_is_no_breakdown():
+    import asyncio
+
+    import httpx
+
+    from autoglm_trt.serve.bench_metrics import scrape
+
+    def answer(request):
+        if request.url.path == "/metrics" and request.url.host == "open":
+            return httpx.Response(200, text="autoglm:request_queue_time_seconds_sum 1.0\n"
+                                             "autoglm:request_queue_time_seconds_count 4\n")
+        return httpx.Response(401 if request.url.host == "locked" else 200, text="# nothing of ours\n")
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            return [await scrape(client, f"http://{host}", {}) for host in ("open", "locked", "other")]
+
+    got = asyncio.run(main())
+    assert got[0] == ({"autoglm:request_queue_time_seconds": (1.0, 4.0)}, None)
+    assert got[1][0] is None and "HTTP 401" in got[1][1]
+    assert got[2][0] is None and "no latency histograms" in got[2][1]
 
 
 def test_unique_images_differ_and_decode(tmp_path):
