@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-# NOTE: ImageInput.rgb is a read-only buffer (preprocess); nothing writes into it, so torch's warning about
-# sharing one is noise. Set once: warnings.catch_warnings() is not thread-safe (prompts are built in threads).
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-
 from autoglm_trt.errors import UserError
 from autoglm_trt.processing.pixels import PixelSpec, cpu_pixels, device_ok, device_pixels
 from autoglm_trt.processing.tokenizer import read_json
+
+# NOTE: ImageInput.rgb is a read-only buffer (preprocess); nothing writes into it, so torch's warning about
+# sharing one is noise. Set once: warnings.catch_warnings() is not thread-safe (prompts are built in threads).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 SOURCE_DIGEST = "autoglm_source_sha256"  # image.info key: sha256 hex of the encoded bytes it came from
 

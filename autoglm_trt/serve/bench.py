@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from autoglm_trt.errors import UserError
-from autoglm_trt.serve.bench_metrics import phase_means_ms, scrape
+from autoglm_trt.serve.bench_metrics import HISTOGRAMS, phase_means_ms, scrape
 from autoglm_trt.utils.limits import raise_open_files_limit
 
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week "
@@ -302,8 +302,9 @@ async def bench(url: str, concurrencies: list[int], prompt_len: int, gen_len: in
         for k, c in enumerate(concurrencies):
             before, why_not = await scrape(client, base, headers)
             level = await run_level(target, c, sizes[k], max_seconds, words, seed + 1_000_000 * (k + 1))
-            after, why_not = await scrape(client, base, headers) if before else (None, why_not)
-            level.server_ms = phase_means_ms(before, after)
+            if before is not None:
+                after, why_not = await scrape(client, base, headers)
+                level.server_ms = phase_means_ms(before, after)
             levels.append(level)
     return {"url": base, "model": model, "prompt_len": prompt_len, "gen_len": gen_len,
             "image": str(image) if image else None, "words_per_prompt": words,
@@ -338,7 +339,6 @@ def print_report(report: dict) -> None:
 
 def _print_server_side(console: Any, levels: list[dict], why_not: str | None) -> None:
     """The server's mean ms per phase, where its /metrics says (a client's TTFT = network + these)."""
-    phases = ("ttft", "preprocess", "queue", "prefill")
     rows = [lv for lv in levels if lv.get("server_ms")]
     if not rows:
         if why_not:
@@ -347,11 +347,11 @@ def _print_server_side(console: Any, levels: list[dict], why_not: str | None) ->
     from rich.table import Table
 
     table = Table(title="server side (its /metrics), mean ms per request")
-    for col in ("concurrency", "TTFT", "preprocess", "queue", "prefill"):
+    for col in ("concurrency", *(p.upper() if p == "ttft" else p for p in HISTOGRAMS)):
         table.add_column(col, justify="right")
     for lv in rows:
         ms = lv["server_ms"]
-        table.add_row(str(lv["concurrency"]), *(f"{ms[p]:.1f}" if p in ms else "-" for p in phases))
+        table.add_row(str(lv["concurrency"]), *(f"{ms[p]:.1f}" if p in ms else "-" for p in HISTOGRAMS))
     console.print(table)
 
 

@@ -2,8 +2,8 @@
 
 A client's TTFT is network + preprocess (template, tokenizer, image decoding) + the server's TTFT, which is
 queue (waiting for a slot) + prefill (vision tower and prompt, until the first token). These add up for the
-requests the bench sends (one prompt, n = 1); see serve/metrics.py for what each phase holds. Our server exports all three;
-a vLLM server exports the same histograms under `vllm:` (no preprocess). Servers without /metrics give None.
+requests the bench sends (one prompt, n = 1); serve/metrics.py says what each phase holds. Our server exports
+all of them; a vLLM server exports the same histograms under `vllm:` (no preprocess).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 
 import httpx
 
-# phase -> histogram names, ours first, then vLLM's
+# phase -> histogram names, ours first, then vLLM's (the order is the bench table's columns)
 HISTOGRAMS = {
     "ttft": ("autoglm:time_to_first_token_seconds", "vllm:time_to_first_token_seconds"),
     "preprocess": ("autoglm:request_preprocess_time_seconds",),
