@@ -21,6 +21,7 @@ The CPU references below (dequantize, then matmul in fp32) run on the CPU and ar
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from collections.abc import Mapping
 
@@ -38,6 +39,11 @@ MODES = tuple(m for m in QUANT_MODES if m != "none")
 ACT_QUANT = ("dynamic", "static")
 _EPS = 1e-8
 _kernels_mod = None  # plugins.int8_gemm once imported, False when triton is missing
+# one-row W8A16 on matrices larger than this (gate_up, down_proj, the LM head) takes plugins.triton_gemv_a16
+# (x rounded to 16-bit integers per token, dp4a): 43.5 -> 37.6 us on gate_up on an H100 (probe_dp4a.py), and
+# the rounding kernel it launches first (~1.3 us) still pays. qkv and o_proj gain less than that: plain GEMV.
+_A16_MIN_WEIGHTS = 1 << 25
+_A16_ENV = "AUTOGLM_TRT_INT8_A16"  # "0": every one-row W8A16 on the bf16-activation GEMV (A/B runs)
 
 
 # ---- names --------------------------------------------------------------------------------------
@@ -127,6 +133,11 @@ def w8a16(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None, gemv_
     k = _kernels(x)
     if k is None:
         return w8a16_reference(x, q, scale, bias)
+    if x.shape[0] == 1 and q.numel() > _A16_MIN_WEIGHTS and os.environ.get(_A16_ENV, "1") != "0":
+        from autoglm_trt.plugins import triton_gemv_a16 as a16  # NOTE: triton is importable: _kernels ran
+
+        if a16.supported(x, q):
+            return a16.gemv_a16(x, q, scale, bias)
     if gemv_one_row and x.shape[0] == 1 and x.stride(1) == 1:
         return k.gemv(x, q, scale, bias)
     return k.w8a16_matmul(x, q, scale, bias)

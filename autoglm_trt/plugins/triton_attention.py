@@ -162,12 +162,13 @@ def _decode_split_kernel(
     stride_vb, stride_vs, stride_vh, stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, FAN: tl.constexpr, DIRECT: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, MIN_SPLIT: tl.constexpr,
 ):
     """Program (b, kv_head, split): the GROUP query heads of one kv head over one key range."""
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N  # tile-aligned share
+    # a tile-aligned share, at least MIN_SPLIT keys: short sequences use fewer splits (less to merge)
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT)
     n_used = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # splits holding keys; 0 if seq_len 0
     lo = split * split_len
     hi = tl.minimum(lo + split_len, seq_len)
@@ -244,12 +245,17 @@ def _arrival_counters(device: torch.device, n: int) -> Tensor:
 
 def decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, block_tables: Tensor,
-    scale: float, *, num_splits: int | None = None, out: Tensor | None = None,
+    scale: float, *, num_splits: int | None = None, out: Tensor | None = None, min_split: int | None = None,
+    merge_fan: int | None = None, block_n: int | None = None,
 ) -> Tensor:
     """Flash-decoding over the paged cache in one launch: q `[B, H, D]` -> `[B, H, D]`.
 
-    `num_splits` overrides the heuristic (tests); `out` is an optional preallocated result.
+    `num_splits` overrides the heuristic (tests); `out` is an optional preallocated result. Benchmarks'
+    knobs: `min_split` (keys, a multiple of the tile) the fewest keys a split takes, `merge_fan` the
+    partials one program merges, `block_n` the keys per tile.
     """
+    fan = merge_fan or _MERGE_FAN
+    tile = block_n or _DECODE_BLOCK_N[q.element_size()]
     batch, num_heads, head_dim = q.shape
     _, page, kv_heads, _ = k_cache.shape
     group = num_heads // kv_heads
@@ -259,11 +265,11 @@ def decode_attention(
     q = _last_contiguous(q)
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, block_tables.shape[1] * page, q.device)
-    if not 1 <= num_splits <= _MERGE_FAN ** 2:
-        raise ValueError(f"num_splits must be in [1, {_MERGE_FAN ** 2}], got {num_splits}")
+    if not 1 <= num_splits <= fan ** 2:
+        raise ValueError(f"num_splits must be in [1, {fan ** 2}], got {num_splits}")
     block_d = triton.next_power_of_2(head_dim)
     direct = num_splits == 1
-    cnt_stride = 1 + triton.cdiv(num_splits, _MERGE_FAN)  # per (b, kv head): [top, chunk 0, ...]
+    cnt_stride = 1 + triton.cdiv(num_splits, fan)  # per (b, kv head): [top, chunk 0, ...]
     # NOTE: the direct path touches no counter; seq_lens (int32) stands in for the pointer.
     counters = seq_lens if direct else _arrival_counters(q.device, batch * kv_heads * cnt_stride)
     rows = (batch, kv_heads, num_splits, group)  # partials: out [*rows, BLOCK_D], lse [*rows]
@@ -274,8 +280,9 @@ def decode_attention(
         scale * _LOG2E, num_splits, cnt_stride, q.stride(0), q.stride(1), *k_cache.stride()[:3],
         *v_cache.stride()[:3], block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, PAGE=page, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=block_d, BLOCK_N=_DECODE_BLOCK_N[q.element_size()], FAN=_MERGE_FAN, DIRECT=direct,
-        IEEE=q.dtype == torch.float32, num_warps=_decode_warps(q.element_size()), num_stages=2,
+        BLOCK_D=block_d, BLOCK_N=tile, FAN=fan, DIRECT=direct,
+        IEEE=q.dtype == torch.float32, MIN_SPLIT=tile if min_split is None else max(tile, min_split),
+        num_warps=_decode_warps(q.element_size()), num_stages=2,
     )
     return out
 

@@ -1,0 +1,200 @@
+"""A batch-1 INT8 weight-only decode step without a checkpoint: the 9B decoder's 40 layers on random int8
+weights, through the engine's own kernels, one CUDA graph per variant, all in one process.
+
+    python benchmarks/bench_layer_step.py [--layers 40] [--context 640] [--variants base,glu,pf,...] [--json out.json]
+
+Per layer, as Glm4vTextDecoderLayer runs it under the engine: qkv (W8A16, bias) -> rotary + KV store ->
+decode attention over `--context` cached keys -> o_proj -> norm_add_norm -> gate_up -> silu_mul -> down_proj
+-> norm_add_norm. No embedding, LM head or sampling. A variant is a set of switches (VARIANTS):
+  noa16    gate_up and down_proj on the bf16-activation kernels (layers.quant.w8a16 with AUTOGLM_TRT_INT8_A16=0)
+  gemv     gate_up and down_proj on the Triton GEMV too (today: the split-K int8 GEMM; qkv/o take the GEMV)
+  glu      gate_up's GEMV computes silu(gate) * up in its epilogue (no silu_mul launch; implies gemv)
+  pf       every GEMV asks L2 for its program's whole weight slab first (GemvConfig.prefetch)
+  l2o      plugins.l2_prefetch pulls o_proj's weights into L2 before rotary + attention (HBM is idle there)
+  l2next   also gate_up's first MBs before the first norm, down_proj's before silu/gate_up's tail, the
+           next layer's qkv before the second norm
+  l2p=N    the o_proj prefetch spread over N programs (default 8)
+  split=N  decode attention: each split takes >= N keys (default 64)
+  fan=N, bn=N, splits=N  decode attention: partials merged per program (8), keys per tile (64), splits
+Prints ms per step, us per layer, the weight bytes' rate and the ratio to `base`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import median_event_ms  # noqa: E402
+
+H, I, HEADS, KV, D, PAGE, EPS = 4096, 13696, 32, 2, 128, 16, 1e-5
+QKV = (HEADS + 2 * KV) * D
+VARIANTS = {"base": "", "noa16": "noa16", "gemv": "gemv", "glu": "glu", "pf": "gemv,pf", "glu+pf": "glu,pf", "l2o": "l2o",
+            "glu+l2": "glu,l2o,l2next", "glu+pf+l2": "glu,pf,l2o,l2next", "split256": "split=256",
+            "split512": "split=512", "best": "glu,pf,l2o,l2next,split=256"}
+
+
+@dataclass
+class Layer:
+    w: dict  # name -> (int8 [N, K], fp32 scale [N])
+    qkv_bias: torch.Tensor  # [QKV] bf16
+    norms: list  # 4 x [H] bf16
+    k_cache: torch.Tensor  # [blocks, PAGE, KV, D]
+    v_cache: torch.Tensor
+
+
+def make_layers(n: int, context: int) -> list[Layer]:
+    g = torch.Generator("cuda").manual_seed(0)
+    shapes = {"qkv": (QKV, H), "o": (H, HEADS * D), "gate_up": (2 * I, H), "down": (H, I)}
+    blocks = context // PAGE + 2
+    layers = []
+    for _ in range(n):
+        w = {k: (torch.randint(-127, 128, s, device="cuda", dtype=torch.int8, generator=g),
+                 torch.rand(s[0], device="cuda", generator=g) * 2e-4 + 1e-4) for k, s in shapes.items()}
+        cache = [torch.randn(blocks, PAGE, KV, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2)]
+        layers.append(Layer(w, torch.randn(QKV, device="cuda", generator=g).to(torch.bfloat16) * 0.1,
+                            [torch.ones(H, device="cuda", dtype=torch.bfloat16) for _ in range(4)], *cache))
+    return layers
+
+
+def parse(spec: str) -> dict:
+    opts = {"split": 64}
+    for part in filter(None, spec.split(",")):
+        key, _, val = part.partition("=")
+        opts[key] = int(val) if val else True
+    if opts.get("glu"):
+        opts["gemv"] = True
+    return opts
+
+
+def make_step(layers: list[Layer], context: int, opts: dict, max_blocks: int):
+    from autoglm_trt import plugins
+    from autoglm_trt.layers import quant as Q
+    from autoglm_trt.plugins import l2_prefetch, triton_attention
+    from autoglm_trt.plugins import triton_gemv as G
+
+    x0 = torch.randn(1, H, device="cuda").to(torch.bfloat16)
+    cos, sin = torch.rand(1, 32, device="cuda"), torch.rand(1, 32, device="cuda")
+    seq_lens = torch.tensor([context], device="cuda", dtype=torch.int32)
+    bt = torch.arange(max_blocks, device="cuda", dtype=torch.int32)[None] % (context // PAGE + 2)
+    slot = torch.tensor([context - 1], device="cuda", dtype=torch.int64)
+    pf_mb = 24 << 20
+
+    def lin(x, wq, bias=None, glu=False):
+        if opts.get("gemv") or glu or wq[0].numel() <= (1 << 25):
+            cfg = G.gemv_config(1, wq[0].shape[0], wq[0].shape[1], torch.int8, glu=glu)
+            if opts.get("pf"):
+                cfg = G.GemvConfig(**{**cfg.__dict__, "prefetch": True})
+            return G.gemv(x, *wq, bias, config=cfg, glu=glu)
+        return Q.w8a16(x, *wq, bias)  # the engine's int8-wo dispatch (a16 for large one-row calls unless "noa16")
+
+    def step():
+        x, residual = x0, x0
+        for i, L in enumerate(layers):
+            nxt = layers[(i + 1) % len(layers)]
+            qkv = lin(x, L.w["qkv"], L.qkv_bias)  # [1, QKV]
+            if opts.get("l2o"):
+                l2_prefetch.l2_prefetch(L.w["o"][0], programs=opts.get("l2p", 8))
+            q = plugins.rope_qkv_store(qkv, cos, sin, L.k_cache, L.v_cache, slot, HEADS, KV, D)  # [1, 32, 128]
+            a = triton_attention.decode_attention(q, L.k_cache, L.v_cache, seq_lens, bt, D ** -0.5,
+                                                  min_split=opts["split"], merge_fan=opts.get("fan"),
+                                                  block_n=opts.get("bn"), num_splits=opts.get("splits"))
+            o = lin(a.flatten(1), L.w["o"])  # [1, H]
+            if opts.get("l2next"):
+                l2_prefetch.l2_prefetch(L.w["gate_up"][0], pf_mb)
+            residual, x = plugins.norm_add_norm(o, residual, L.norms[0], L.norms[1], EPS)
+            if opts.get("glu"):
+                h = lin(x, L.w["gate_up"], glu=True)  # [1, I]
+            else:
+                gu = lin(x, L.w["gate_up"])
+                if opts.get("l2next"):
+                    l2_prefetch.l2_prefetch(L.w["down"][0], pf_mb)
+                h = plugins.silu_mul(gu)
+            d = lin(h, L.w["down"])
+            if opts.get("l2next"):
+                l2_prefetch.l2_prefetch(nxt.w["qkv"][0])
+            residual, x = plugins.norm_add_norm(d, residual, L.norms[2], L.norms[3], EPS)
+        return x
+
+    return step
+
+
+def time_variant(layers, context, spec, iters, max_blocks, profile: bool = False) -> float:
+    opts = parse(spec)
+    os.environ["AUTOGLM_TRT_INT8_A16"] = "0" if opts.get("noa16") else "1"  # read while the graph is captured
+    step = make_step(layers, context, opts, max_blocks)
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    ms = median_event_ms(graph.replay, iters)
+    if profile:
+        print_profile(graph, spec, len(layers))
+    del graph
+    return ms
+
+
+def print_profile(graph, spec: str, n_layers: int) -> None:
+    """Kernel time per layer by kernel name over 5 replays, and the sum against the replay's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+    per = 5 * n_layers
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events) / per
+    print(f"  profile [{spec}]: kernels {total:.1f} us per layer")
+    for e in events[:10]:
+        print(f"    {e.key[:60]:<60} {e.device_time_total / per:7.2f} us/layer  ({e.count / per:.0f} per layer)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=40)
+    ap.add_argument("--context", type=int, default=640, help="cached keys per layer (a multiple of 16)")
+    ap.add_argument("--max-model-len", type=int, default=32768, help="block-table width, as the engine's graphs")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"names of {list(VARIANTS)} or 'a+b' switch sets")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=2, help="each variant timed this many times, interleaved")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of each variant's graph")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    names = [v for v in args.variants.split(",") if v]
+    specs = {n: VARIANTS.get(n, n.replace("+", ",")) for n in names}
+    print(f"{torch.cuda.get_device_name()}: {args.layers} layers, context {args.context}", flush=True)
+    t0 = time.perf_counter()
+    layers = make_layers(args.layers, args.context)
+    wbytes = args.layers * sum(q.numel() + 4 * s.numel() for q, s in layers[0].w.values())
+    res = {n: [] for n in names}
+    for _ in range(args.rounds):  # NOTE: interleaved, so clock or thermal drift does not favour one variant
+        for n in names:
+            res[n].append(time_variant(layers, args.context, specs[n], args.iters, args.max_model_len // PAGE,
+                                       args.profile and len(res[n]) == 0))
+    base = min(res[names[0]])
+    rows = []
+    for n in names:
+        ms = min(res[n])
+        rows.append({"variant": n, "switches": specs[n], "ms": ms, "us_per_layer": 1e3 * ms / args.layers,
+                     "tb_s": wbytes / ms / 1e9, "vs_first": ms / base, "all_ms": res[n]})
+        print(f"{n:>18} [{specs[n]:<32}] {ms:7.3f} ms/step  {1e3 * ms / args.layers:6.1f} us/layer  "
+              f"{wbytes / ms / 1e9:5.2f} TB/s of weights  x{ms / base:.3f}", flush=True)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                                               "args": vars(args), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
