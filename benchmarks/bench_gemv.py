@@ -35,8 +35,7 @@ from bench_decode import median_event_ms  # noqa: E402
 # name: (N, K, has bias, silu_mul fused); the 9B decoder's linears, TP 1, and the bf16 LM head
 SHAPES = {"qkv": (4608, 4096, True, False), "o": (4096, 4096, False, False), "gate_up": (27392, 4096, False, False),
           "down": (4096, 13696, False, False), "down_silu": (4096, 13696, False, True),
-          "gate_up_glu": (27392, 4096, False, False), "lm_head": (151552, 4096, False, False)}
-GLU = {"gate_up_glu"}  # gate_up with silu(gate) * up in the GEMV's epilogue (gemv(glu=True)), vs gemv + silu_mul
+          "lm_head": (151552, 4096, False, False)}
 LAYERS = 40
 KINDS = {"bf16": torch.bfloat16, "int8": torch.int8}
 
@@ -45,7 +44,7 @@ KINDS = {"bf16": torch.bfloat16, "int8": torch.int8}
 def _compile_one(job: tuple) -> str | None:
     """Run one config once on small tensors with the real call's specialization (M, dtypes, flags; N, K and
     strides multiples of 16), so Triton's disk cache holds the kernel when the timed run asks for it."""
-    kind, m, bias, silu, glu, cfg = job
+    kind, m, bias, silu, cfg = job
     from autoglm_trt.plugins import triton_gemv as G
 
     n, k = 64, 512
@@ -54,7 +53,7 @@ def _compile_one(job: tuple) -> str | None:
         w = torch.randn(n, k, device="cuda").to(KINDS[kind])
         s = torch.rand(n, device="cuda") if kind == "int8" else None
         b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
-        G.gemv(x, w, s, b, silu_mul=silu, config=cfg, glu=glu)
+        G.gemv(x, w, s, b, silu_mul=silu, config=cfg)
         torch.cuda.synchronize()
     except Exception as exc:  # noqa: BLE001 - the timed run reports it
         return f"{cfg.tag}: {type(exc).__name__}: {str(exc)[:200]}"
@@ -111,14 +110,12 @@ def bench_shape(name: str, m: int, w_bf: list, w_q: list, args, best_plain: dict
     from autoglm_trt.plugins import triton_gemv as G
 
     n, k, has_bias, silu = SHAPES[name]
-    glu = name in GLU
     x = torch.randn(m, 2 * k if silu else k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if has_bias else None
     act = (lambda: plugins.silu_mul(x)) if silu else (lambda: x)
-    out = (lambda y: plugins.silu_mul(y)) if glu else (lambda y: y)  # the baselines' epilogue
-    io = 2 * x.numel() + 2 * m * (n // 2 if glu else n) + (2 * n if has_bias else 0)
+    io = 2 * x.numel() + 2 * m * n + (2 * n if has_bias else 0)
     nbytes = {"bf16": 2 * n * k + io, "int8": n * k + 4 * n + io}
-    rows, refs = [], {kind: G.gemv_reference(x, *wt, bias=bias, silu_mul=silu, glu=glu)
+    rows, refs = [], {kind: G.gemv_reference(x, *wt, bias=bias, silu_mul=silu)
                       for kind, wt in (("bf16", (w_bf[0],)), ("int8", w_q[0]))}
 
     def run(label: str, kind: str, make, cfg=None) -> None:
@@ -136,17 +133,15 @@ def bench_shape(name: str, m: int, w_bf: list, w_q: list, args, best_plain: dict
         if args.verbose or not row["ok"]:
             print("   ", _row_text(row), flush=True)
 
-    run("cublas", "bf16", lambda i: lambda: out(F.linear(act(), w_bf[i], bias)))
-    run("int8_gemm", "int8", lambda i: lambda: out(int8_gemm.w8a16_matmul(act(), *w_q[i], bias)))
-    if silu or glu:  # the same GEMV, unfused: silu_mul kernel + the best plain config of the shape's twin
+    run("cublas", "bf16", lambda i: lambda: F.linear(act(), w_bf[i], bias))
+    run("int8_gemm", "int8", lambda i: lambda: int8_gemm.w8a16_matmul(act(), *w_q[i], bias))
+    if silu:  # the same GEMV, unfused: silu_mul kernel + the best plain down_proj config
         for kind, wts in (("bf16", [(w,) for w in w_bf]), ("int8", w_q)):
-            cfg = best_plain.get((kind, m, "gate_up" if glu else "down")) or G.gemv_config(m, n, k, KINDS[kind])
-            run("gemv_unfused", kind, lambda i, wt=wts, c=cfg: lambda: out(G.gemv(act(), *wt[i], bias=bias, config=c)),
-                cfg)
+            cfg = best_plain.get((kind, m)) or G.gemv_config(m, n, k, KINDS[kind])
+            run("gemv_unfused", kind, lambda i, wt=wts, c=cfg: lambda: G.gemv(act(), *wt[i], bias=bias, config=c), cfg)
     for kind, wts in (("bf16", [(w,) for w in w_bf]), ("int8", w_q)):
         for cfg in _configs(name, m, kind, args):
-            run("gemv", kind, lambda i, wt=wts, c=cfg: lambda: G.gemv(x, *wt[i], bias=bias, silu_mul=silu, config=c,
-                                                                       glu=glu), cfg)
+            run("gemv", kind, lambda i, wt=wts, c=cfg: lambda: G.gemv(x, *wt[i], bias=bias, silu_mul=silu, config=c), cfg)
     return rows
 
 
@@ -159,7 +154,7 @@ def _configs(name: str, m: int, kind: str, args) -> list:
     if args.configs:  # NOTE: any tag, candidate or not; those whose block_k misses this dtype's vector drop
         return [c for c in map(G.GemvConfig.from_tag, sorted(args.configs)) if c.block_k % vec == 0]
     cands = G.candidates(m, G.weight_kind(KINDS[kind]), silu)
-    default = G.gemv_config(m, n, k, KINDS[kind], silu, name in GLU)
+    default = G.gemv_config(m, n, k, KINDS[kind], silu)
     return cands + [default] * (default not in cands)
 
 
@@ -193,7 +188,7 @@ def summary(rows: list[dict], ms: list[int], names: list[str]) -> dict:
                 cells.append(f"{b['graph_us']:6.1f} {b['gbs']:5.0f} [{b['single_us']:5.1f}]{tag}" if b else "-")
                 if b and impl == "gemv":
                     n, k, _, silu = SHAPES[name]
-                    key = (G.weight_kind(KINDS[kind]), G.block_m_for(m), n, k, silu, name in GLU)
+                    key = (G.weight_kind(KINDS[kind]), G.block_m_for(m), n, k, silu)
                     table[key] = b
                     winners.append({"shape": name, "m": m, "kind": kind, **{f: b[f] for f in ("tag", "graph_us", "gbs")}})
             print(f"{name:>9} {m:>2} | {cells[0]:>20} | {cells[1]:>42} | {cells[2]:>20} | {cells[3]:>42}")
@@ -246,7 +241,7 @@ def main() -> None:
           f"M {ms}, shapes {names}, {args.reps} launches per graph", flush=True)
     t0 = time.perf_counter()
     if args.jobs:
-        jobs = {(kind, m, SHAPES[s][2], SHAPES[s][3], s in GLU, c) for s in names for m in ms for kind in KINDS
+        jobs = {(kind, m, SHAPES[s][2], SHAPES[s][3], c) for s in names for m in ms for kind in KINDS
                 for c in _configs(s, m, kind, args)}
         precompile(sorted(jobs, key=str), args.jobs)
     props = torch.cuda.get_device_properties(0)
@@ -256,10 +251,10 @@ def main() -> None:
         w_bf, w_q = make_weights(*SHAPES[name][:2], l2)
         for m in ms:
             rows += bench_shape(name, m, w_bf, w_q, args, best_plain)
-            if name in ("down", "gate_up"):
+            if name == "down":
                 for kind in KINDS:
-                    b = best([r for r in rows if r["shape"] == name and r["m"] == m], "gemv", kind)
-                    best_plain[(kind, m, name)] = G.GemvConfig(**b["config"]) if b else None
+                    b = best([r for r in rows if r["shape"] == "down" and r["m"] == m], "gemv", kind)
+                    best_plain[(kind, m)] = G.GemvConfig(**b["config"]) if b else None
             print(f"{name} M={m} done ({time.perf_counter() - t0:.0f} s)", flush=True)
         del w_bf, w_q
         gc.collect()

@@ -1,29 +1,24 @@
 """A batch-1 INT8 weight-only decode step without a checkpoint: the 9B decoder's 40 layers on random int8
 weights, through the engine's own kernels, one CUDA graph per variant, all in one process.
 
-    python benchmarks/bench_layer_step.py [--layers 40] [--context 640] [--variants base,glu,pf,...] [--json out.json]
+    python benchmarks/bench_layer_step.py [--layers 40] [--context 640] [--variants base,gemv,split=256,...] [--json out.json]
 
 Per layer, as Glm4vTextDecoderLayer runs it under the engine: qkv (W8A16, bias) -> rotary + KV store ->
 decode attention over `--context` cached keys -> o_proj -> norm_add_norm -> gate_up -> silu_mul -> down_proj
 -> norm_add_norm. No embedding, LM head or sampling. A variant is a set of switches (VARIANTS):
-  noa16    gate_up and down_proj on the bf16-activation kernels (layers.quant.w8a16 with AUTOGLM_TRT_INT8_A16=0)
-  gemv     gate_up and down_proj on the Triton GEMV too (today: the split-K int8 GEMM; qkv/o take the GEMV)
-  glu      gate_up's GEMV computes silu(gate) * up in its epilogue (no silu_mul launch; implies gemv)
-  pf       every GEMV asks L2 for its program's whole weight slab first (GemvConfig.prefetch)
-  l2o      plugins.l2_prefetch pulls o_proj's weights into L2 before rotary + attention (HBM is idle there)
-  l2next   also gate_up's first MBs before the first norm, down_proj's before silu/gate_up's tail, the
-           next layer's qkv before the second norm
-  l2p=N    the o_proj prefetch spread over N programs (default 8)
-  split=N  decode attention: each split takes >= N keys (default 64)
+  a16      the norms and silu_mul also write 16-bit planes; qkv, gate_up and down_proj run triton_gemv_a16 (the
+           engine's int8-wo at one token; without it, the bf16-activation kernels below)
+  gemv     gate_up and down_proj on the Triton GEMV too (else the split-K int8 GEMM; qkv/o take the GEMV)
+  split=N  decode attention: each split takes >= N keys (default: one tile)
   fan=N, bn=N, splits=N  decode attention: partials merged per program (8), keys per tile (64), splits
-Prints ms per step, us per layer, the weight bytes' rate and the ratio to `base`.
+Prints ms per step, us per layer, the weight bytes' rate and the ratio to the first variant; --profile adds
+each variant's kernel times per layer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -37,9 +32,7 @@ from bench_decode import median_event_ms  # noqa: E402
 
 H, I, HEADS, KV, D, PAGE, EPS = 4096, 13696, 32, 2, 128, 16, 1e-5
 QKV = (HEADS + 2 * KV) * D
-VARIANTS = {"base": "", "noa16": "noa16", "gemv": "gemv", "glu": "glu", "pf": "gemv,pf", "glu+pf": "glu,pf", "l2o": "l2o",
-            "glu+l2": "glu,l2o,l2next", "glu+pf+l2": "glu,pf,l2o,l2next", "split256": "split=256",
-            "split512": "split=512", "best": "glu,pf,l2o,l2next,split=256"}
+VARIANTS = {"base": "", "a16": "a16", "gemv": "gemv", "split256": "split=256", "fan16": "fan=16", "tile32": "bn=32"}
 
 
 @dataclass
@@ -66,71 +59,53 @@ def make_layers(n: int, context: int) -> list[Layer]:
 
 
 def parse(spec: str) -> dict:
-    opts = {"split": 64}
+    opts = {}
     for part in filter(None, spec.split(",")):
         key, _, val = part.partition("=")
         opts[key] = int(val) if val else True
-    if opts.get("glu"):
-        opts["gemv"] = True
     return opts
 
 
 def make_step(layers: list[Layer], context: int, opts: dict, max_blocks: int):
     from autoglm_trt import plugins
     from autoglm_trt.layers import quant as Q
-    from autoglm_trt.plugins import l2_prefetch, triton_attention
+    from autoglm_trt.plugins import triton_attention
     from autoglm_trt.plugins import triton_gemv as G
 
     x0 = torch.randn(1, H, device="cuda").to(torch.bfloat16)
-    cos, sin = torch.rand(1, 32, device="cuda"), torch.rand(1, 32, device="cuda")
+    cos, sin = torch.rand(1, 32, device="cuda"), torch.rand(1, 32, device="cuda")  # [T, rotary_dim / 2]
     seq_lens = torch.tensor([context], device="cuda", dtype=torch.int32)
     bt = torch.arange(max_blocks, device="cuda", dtype=torch.int32)[None] % (context // PAGE + 2)
     slot = torch.tensor([context - 1], device="cuda", dtype=torch.int64)
-    pf_mb = 24 << 20
 
-    def lin(x, wq, bias=None, glu=False):
-        if opts.get("gemv") or glu or wq[0].numel() <= (1 << 25):
-            cfg = G.gemv_config(1, wq[0].shape[0], wq[0].shape[1], torch.int8, glu=glu)
-            if opts.get("pf"):
-                cfg = G.GemvConfig(**{**cfg.__dict__, "prefetch": True})
-            return G.gemv(x, *wq, bias, config=cfg, glu=glu)
-        return Q.w8a16(x, *wq, bias)  # the engine's int8-wo dispatch (a16 for large one-row calls unless "noa16")
+    a16 = bool(opts.get("a16"))
+
+    def lin(x, wq, bias=None):  # x [1, K] -> [1, N]
+        if getattr(x, "a16", None) is not None:  # as layers.quant.Int8WeightOnlyMethod
+            from autoglm_trt.plugins import triton_gemv_a16 as A
+
+            return A.gemv_a16(x.a16, *wq, bias, x.dtype)
+        return G.gemv(x, *wq, bias) if opts.get("gemv") else Q.w8a16(x, *wq, bias)
 
     def step():
         x, residual = x0, x0
-        for i, L in enumerate(layers):
-            nxt = layers[(i + 1) % len(layers)]
+        for L in layers:
             qkv = lin(x, L.w["qkv"], L.qkv_bias)  # [1, QKV]
-            if opts.get("l2o"):
-                l2_prefetch.l2_prefetch(L.w["o"][0], programs=opts.get("l2p", 8))
             q = plugins.rope_qkv_store(qkv, cos, sin, L.k_cache, L.v_cache, slot, HEADS, KV, D)  # [1, 32, 128]
             a = triton_attention.decode_attention(q, L.k_cache, L.v_cache, seq_lens, bt, D ** -0.5,
-                                                  min_split=opts["split"], merge_fan=opts.get("fan"),
+                                                  min_split=opts.get("split"), merge_fan=opts.get("fan"),
                                                   block_n=opts.get("bn"), num_splits=opts.get("splits"))
-            o = lin(a.flatten(1), L.w["o"])  # [1, H]
-            if opts.get("l2next"):
-                l2_prefetch.l2_prefetch(L.w["gate_up"][0], pf_mb)
-            residual, x = plugins.norm_add_norm(o, residual, L.norms[0], L.norms[1], EPS)
-            if opts.get("glu"):
-                h = lin(x, L.w["gate_up"], glu=True)  # [1, I]
-            else:
-                gu = lin(x, L.w["gate_up"])
-                if opts.get("l2next"):
-                    l2_prefetch.l2_prefetch(L.w["down"][0], pf_mb)
-                h = plugins.silu_mul(gu)
-            d = lin(h, L.w["down"])
-            if opts.get("l2next"):
-                l2_prefetch.l2_prefetch(nxt.w["qkv"][0])
-            residual, x = plugins.norm_add_norm(d, residual, L.norms[2], L.norms[3], EPS)
+            residual, x = plugins.norm_add_norm(lin(a.flatten(1), L.w["o"]), residual, L.norms[0], L.norms[1], EPS,
+                                                a16=a16)
+            h = plugins.silu_mul(lin(x, L.w["gate_up"]), a16=a16)  # [1, I]
+            residual, x = plugins.norm_add_norm(lin(h, L.w["down"]), residual, L.norms[2], L.norms[3], EPS, a16=a16)
         return x
 
     return step
 
 
 def time_variant(layers, context, spec, iters, max_blocks, profile: bool = False) -> float:
-    opts = parse(spec)
-    os.environ["AUTOGLM_TRT_INT8_A16"] = "0" if opts.get("noa16") else "1"  # read while the graph is captured
-    step = make_step(layers, context, opts, max_blocks)
+    step = make_step(layers, context, parse(spec), max_blocks)
     step()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

@@ -2,7 +2,7 @@
 
     ncu --clock-control none --kernel-name regex:_gemv_kernel --section SpeedOfLight --section Occupancy \\
         --section WarpStateStats --section MemoryWorkloadAnalysis python benchmarks/ncu_gemv.py \\
-        int8:gate_up:n2k512w1s1-vec bf16:gate_up:n2k1024w4s1-vec int8:qkv:n4k512w4s1-vec-pf
+        int8:gate_up:n2k512w1s1-vec bf16:gate_up:n2k1024w4s1-vec int8:qkv:n4k512w4s1-vec
 
 Each argument is KIND:SHAPE:TAG (KIND bf16 or int8, SHAPE a key of bench_gemv.SHAPES, TAG a GemvConfig tag).
 Every kernel is compiled by a first launch on other weights, so the profiled launch reads cold weights.
@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gemv import GLU, SHAPES  # noqa: E402
+from bench_gemv import SHAPES  # noqa: E402
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(2)]
         args = [(w,) if kind == "bf16" else Q.quantize_weight(w) for w in ws]
         for a in args:  # the first compiles (and warms the caches with the wrong weights), the second is read
-            G.gemv(x, *a, silu_mul=silu, config=cfg, glu=shape in GLU)
+            G.gemv(x, *a, silu_mul=silu, config=cfg)
         torch.cuda.synchronize()
         print(f"launched {spec}", flush=True)
 

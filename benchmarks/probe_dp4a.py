@@ -12,7 +12,8 @@ bf16 -> fp32, an FMA) and reads int8 weights at ~2.6 TB/s where the same kernel 
   dp4a-2    the same with 16 bits (2 planes): what the third plane costs
   read      the same tiling reading the weights only (XOR of the words): this tiling's memory ceiling
 The activation planes are made by torch on the host side of the probe; a product would have to make
-them in the kernel that writes x. Not part of the package: a question asked of the GPU.
+them in the kernel that writes x (a separate rounding launch was tried in the engine: it cost ~2 us per
+call and ate the gain; docs/benchmarks.md, session 7). Not part of the package: a question asked of the GPU.
 """
 
 from __future__ import annotations
@@ -54,14 +55,15 @@ def _probe_kernel(w_ptr, xp_ptr, s_ptr, y_ptr, sx, N, K4, stride_wn, MODE: tl.co
     a0 = tl.zeros((BLOCK_N, BLOCK_K4), tl.int32)
     a1, a2 = a0, a0
     for k0 in range(0, K4, BLOCK_K4):
-        w = tl.load(w_ptrs + k0, eviction_policy="evict_first")
+        live = kw < K4 - k0  # the ragged last step reads zeros
+        w = tl.load(w_ptrs + k0, mask=live, other=0, eviction_policy="evict_first")
         if MODE == 0:
             a0 = a0 ^ w
         else:
-            a0 = _dp(a0, w, tl.load(xp_ptr + 2 * K4 + k0 + kw), True)  # hi plane, signed
-            a1 = _dp(a1, w, tl.load(xp_ptr + K4 + k0 + kw), False)  # mid
+            a0 = _dp(a0, w, tl.load(xp_ptr + 2 * K4 + k0 + kw, mask=live, other=0), True)  # hi plane, signed
+            a1 = _dp(a1, w, tl.load(xp_ptr + K4 + k0 + kw, mask=live, other=0), False)  # mid
             if MODE == 3:
-                a2 = _dp(a2, w, tl.load(xp_ptr + k0 + kw), False)
+                a2 = _dp(a2, w, tl.load(xp_ptr + k0 + kw, mask=live, other=0), False)
     if MODE == 0:
         y = tl.sum(a0, axis=1).to(tl.float32)
     else:
@@ -108,7 +110,7 @@ def main() -> None:
         ref = G.gemv_reference(x, *ws[0])[0].float()
         t_gemv = time_call([lambda w=w: G.gemv(x, *w) for w in ws], 20, 10)[0]
         rows.append({"shape": name, "impl": "gemv", "us": t_gemv})
-        print(f"{name:>8} gemv (default) {t_gemv:7.2f} us {n * k / t_gemv / 1e6:6.0f} GB/s", flush=True)
+        print(f"{name:>8} gemv (default) {t_gemv:7.2f} us {n * k / t_gemv / 1e6:5.2f} TB/s", flush=True)
         for tile in args.tiles.split(","):
             bn, bk4 = (int(v) for v in tile.split("x"))
             for mode, label in ((3, "dp4a-3"), (2, "dp4a-2"), (0, "read")):
@@ -117,7 +119,7 @@ def main() -> None:
                 err = float((out - ref).norm() / ref.norm()) if mode else float("nan")
                 us = time_call([lambda w=w, xp=xp: probe(mode, xp, sx, *w, n, k, bn, bk4) for w in ws], 20, 10)[0]
                 rows.append({"shape": name, "impl": label, "tile": tile, "us": us, "rel_err": err})
-                print(f"{name:>8} {label:<7} {tile:>6} {us:7.2f} us {n * k / us / 1e6:6.0f} GB/s  rel err {err:.1e}",
+                print(f"{name:>8} {label:<7} {tile:>6} {us:7.2f} us {n * k / us / 1e6:5.2f} TB/s  rel err {err:.1e}",
                       flush=True)
         del ws
         torch.cuda.empty_cache()

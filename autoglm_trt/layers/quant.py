@@ -2,7 +2,9 @@
 
 Modes:
 - "int8-wo": W8A16. `weight` int8 [N, K] + `weight_scale` fp32 [N] (per output channel, symmetric,
-  amax / 127); activations stay in the model dtype, the kernel dequantizes in its epilogue.
+  amax / 127); activations stay in the model dtype, the kernel dequantizes in its epilogue. At one token
+  on CUDA, the norms and silu_mul before qkv_proj, gate_up_proj and down_proj also write their output as
+  16-bit integers per token, and those GEMVs run on dp4a (plugins/triton_gemv_a16; mark_a16_producers).
 - "w8a8": SmoothQuant. Activation outliers migrate into the weights with per-input-channel scales
   s (x / s, W * s); s folds into the RMSNorm before qkv_proj (input_layernorm) and gate_up_proj
   (post_attention_layernorm), and for down_proj into the `up` rows of gate_up_proj (exact: the MLP
@@ -21,7 +23,6 @@ The CPU references below (dequantize, then matmul in fp32) run on the CPU and ar
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from collections.abc import Mapping
 
@@ -39,11 +40,6 @@ MODES = tuple(m for m in QUANT_MODES if m != "none")
 ACT_QUANT = ("dynamic", "static")
 _EPS = 1e-8
 _kernels_mod = None  # plugins.int8_gemm once imported, False when triton is missing
-# one-row W8A16 on matrices larger than this (gate_up, down_proj, the LM head) takes plugins.triton_gemv_a16
-# (x rounded to 16-bit integers per token, dp4a): 43.5 -> 37.6 us on gate_up on an H100 (probe_dp4a.py), and
-# the rounding kernel it launches first (~1.3 us) still pays. qkv and o_proj gain less than that: plain GEMV.
-_A16_MIN_WEIGHTS = 1 << 25
-_A16_ENV = "AUTOGLM_TRT_INT8_A16"  # "0": every one-row W8A16 on the bf16-activation GEMV (A/B runs)
 
 
 # ---- names --------------------------------------------------------------------------------------
@@ -133,11 +129,6 @@ def w8a16(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None, gemv_
     k = _kernels(x)
     if k is None:
         return w8a16_reference(x, q, scale, bias)
-    if x.shape[0] == 1 and q.numel() > _A16_MIN_WEIGHTS and os.environ.get(_A16_ENV, "1") != "0":
-        from autoglm_trt.plugins import triton_gemv_a16 as a16  # NOTE: triton is importable: _kernels ran
-
-        if a16.supported(x, q):
-            return a16.gemv_a16(x, q, scale, bias)
     if gemv_one_row and x.shape[0] == 1 and x.stride(1) == 1:
         return k.gemv(x, q, scale, bias)
     return k.w8a16_matmul(x, q, scale, bias)
@@ -147,8 +138,22 @@ class Int8WeightOnlyMethod:
     name = "int8-wo"
 
     def apply(self, layer: LinearBase, x: Tensor) -> Tensor:
+        a16 = getattr(x, "a16", None)  # one token, also as 16-bit planes (mark_a16_producers): the dp4a GEMV
+        if a16 is not None:
+            from autoglm_trt.plugins import triton_gemv_a16 as A  # NOTE: importable: a Triton kernel wrote a16
+
+            if A.supported(a16, layer.weight):
+                y = A.gemv_a16(a16, layer.weight, layer.weight_scale, _bias(layer), x.dtype)  # [1, N]
+                return y.reshape(*x.shape[:-1], -1)
         y = w8a16(x.reshape(-1, x.shape[-1]), layer.weight, layer.weight_scale, _bias(layer))  # [T, N]
         return y.reshape(*x.shape[:-1], -1)
+
+
+def mark_a16_producers(model: nn.Module) -> None:
+    """int8-wo: the norms before qkv_proj and gate_up_proj and the MLP's silu_mul before down_proj also write a
+    one-token output as 16-bit integer planes, so those linears run plugins/triton_gemv_a16 (dp4a) at batch 1."""
+    for layer in decoder_layers(model):
+        layer.input_layernorm.a16 = layer.post_attention_layernorm.a16 = layer.mlp.a16 = True
 
 
 def quantize_lm_head(head: nn.Module) -> None:
@@ -338,6 +343,8 @@ def quantize_model(model: nn.Module, mode: str, act_scales=None, smooth_alpha: f
     head = getattr(model, "lm_head", None) if lm_head else None  # NOTE: the builder's one-layer holders have none
     if head is not None:
         quantize_lm_head(head)
+    if mode == "int8-wo":
+        mark_a16_producers(model)
     model.quant_config = {"mode": mode, "act_quant": act_quant if mode == "w8a8" else None,
                           "smooth_alpha": smooth_alpha if mode == "w8a8" and scales else None,
                           "lm_head": "int8" if head is not None else None}
@@ -384,5 +391,7 @@ def prepare_quantized_model(model: nn.Module, mode: str, *, act_quant: str = "dy
         lin.quant_method = W8A8Method(static=act_quant == "static")
     if lm_head:
         _prepare_lm_head(model.lm_head)
+    if mode == "int8-wo":
+        mark_a16_producers(model)
     model.quant_config = {"mode": mode, "act_quant": act_quant if mode == "w8a8" else None, "smooth_alpha": None,
                           "lm_head": "int8" if lm_head else None}

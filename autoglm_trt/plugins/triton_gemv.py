@@ -32,9 +32,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from autoglm_trt.plugins import l2_prefetch
-from autoglm_trt.plugins.l2_prefetch import issue_l2_prefetch
-
 _ONE_BYTE = (torch.int8, torch.float8_e4m3fn)  # W with a per-channel scale
 MAX_BLOCK_M = 8  # rows of x per program; larger M runs ceil(M / 8) programs per channel tile (W re-read)
 REDUCE = ("step", "vec", "end")
@@ -64,9 +61,6 @@ class GemvConfig:
     # int8 -> fp32: "prmt" (inline PTX, CUDA only: the interpreter runs "magic"), "magic" (the same
     # trick in Triton integer ops: PRMT + LOP3 + FADD), "cvt" (I2F)
     i8: str = "prmt"
-    # True: each program first asks the copy engine for its whole [BN, K] slab of W in L2
-    # (plugins/l2_prefetch), so a program's bytes are all requested at once, not one K step at a time
-    prefetch: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -81,22 +75,21 @@ class GemvConfig:
     @property
     def tag(self) -> str:
         i8 = "" if self.i8 == "prmt" else f"-{self.i8}"
-        pf = "-pf" if self.prefetch else ""
-        return f"n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}-{self.reduce}{i8}{pf}"
+        return f"n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}-{self.reduce}{i8}"
 
     @classmethod
     def from_tag(cls, tag: str) -> GemvConfig:
-        """'n4k2048w4s1-vec', 'n8k512w4s1-end-magic' or 'n4k512w4s1-vec-pf' (what .tag prints) -> the config."""
-        found = re.fullmatch(r"n(\d+)k(\d+)w(\d+)s(\d+)-([a-z]+?)(?:-(magic|cvt|prmt))?(-pf)?", tag)
+        """'n4k2048w4s1-vec' or 'n8k512w4s1-end-magic' (what .tag prints) -> the config."""
+        found = re.fullmatch(r"n(\d+)k(\d+)w(\d+)s(\d+)-(\w+?)(?:-(\w+))?", tag)
         if not found:
-            raise ValueError(f"GemvConfig tag {tag!r} is not like 'n4k2048w4s1-vec' or 'n8k512w4s1-end-magic-pf'")
-        bn, bk, warps, stages, reduce, i8, pf = found.groups()
-        return cls(int(bn), int(bk), int(warps), int(stages), reduce, i8 or "prmt", pf is not None)
+            raise ValueError(f"GemvConfig tag {tag!r} is not like 'n4k2048w4s1-vec' or 'n8k512w4s1-end-magic'")
+        bn, bk, warps, stages, reduce, i8 = found.groups()
+        return cls(int(bn), int(bk), int(warps), int(stages), reduce, i8 or "prmt")
 
 
-# Winners of `python benchmarks/bench_gemv.py` per (kind, BLOCK_M, N, K, silu_mul, glu), kind = weight_kind(W
-# dtype), N = W's rows, where they differ from _rule (which already holds the H100 sweep's M = 1 winners).
-TABLE: dict[tuple[str, int, int, int, bool, bool], GemvConfig] = {}
+# Winners of `python benchmarks/bench_gemv.py` per (kind, BLOCK_M, N, K, silu_mul), kind = weight_kind(W
+# dtype), where they differ from _rule (which already holds the H100 sweep's M = 1 winners).
+TABLE: dict[tuple[str, int, int, int, bool], GemvConfig] = {}
 
 
 def weight_kind(dtype: torch.dtype) -> str:
@@ -122,10 +115,10 @@ def _rule(m: int, kind: str) -> GemvConfig:
     return GemvConfig(4, (128 if block_m_for(m) <= 2 else 32) * v, 4, 1, "vec")
 
 
-def gemv_config(m: int, n: int, k: int, dtype: torch.dtype, silu_mul: bool = False, glu: bool = False) -> GemvConfig:
+def gemv_config(m: int, n: int, k: int, dtype: torch.dtype, silu_mul: bool = False) -> GemvConfig:
     """The launch config for x [m, k] @ W [n, k]^T with W of `dtype`: a function of the shapes only."""
     kind = weight_kind(dtype)
-    return TABLE.get((kind, block_m_for(m), n, k, silu_mul, glu)) or _rule(m, kind)
+    return TABLE.get((kind, block_m_for(m), n, k, silu_mul)) or _rule(m, kind)
 
 
 def _fits(cfg: GemvConfig, bm: int, vec: int, silu_mul: bool) -> bool:
@@ -151,9 +144,6 @@ def candidates(m: int, kind: str, silu_mul: bool = False) -> list[GemvConfig]:
         out += [GemvConfig(4, 32 * v, 4, 3, "vec"), GemvConfig(8, 32 * v, 4, 3, "vec"), GemvConfig(4, 128 * v, 4, 2, "vec")]
     if kind == "int8":
         out += [GemvConfig(4, bk, 4, 1, "vec", i8) for bk in (32 * v, 128 * v) for i8 in ("magic", "cvt")]
-    if bm <= 2:  # the slab prefetch on the single-stage shapes that won the H100 sweep, and wider slabs
-        out += [GemvConfig(bn, lanes * v, warps, 1, "vec", prefetch=True)
-                for bn, lanes, warps in ((2, 32, 1), (4, 32, 4), (8, 32, 4), (16, 32, 4), (2, 128, 4), (4, 128, 4))]
     return [c for c in out if _fits(c, bm, v, silu_mul)]
 
 
@@ -219,7 +209,7 @@ def _step(a0, a1, a2, a3, a4, a5, a6, a7, x_ptr, r0, r1, r2, r3, r4, r5, r6, r7,
 
 @triton.jit
 def _store_row(y_ptr, row, M, acc, s, b, offs_n, N, stride_ym, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-               REDUCE: tl.constexpr, GLU: tl.constexpr):
+               REDUCE: tl.constexpr):
     if REDUCE == 2:
         y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
     elif REDUCE == 1:
@@ -230,9 +220,6 @@ def _store_row(y_ptr, row, M, acc, s, b, offs_n, N, stride_ym, HAS_SCALE: tl.con
         y = y * s
     if HAS_BIAS:
         y = y + b
-    if GLU:  # NOTE: rows alternate gate, up; each rounded as gate_up's output would be, then silu(gate) * up
-        gate, up = tl.split(tl.reshape(y.to(y_ptr.dtype.element_ty).to(tl.float32), (y.shape[0] // 2, 2)))
-        y = gate / (1.0 + tl.exp(-gate)) * up
     n_lim = tl.where(row < M, N, 0)  # NOTE: a scalar limit, never scalar & block booleans
     tl.store(y_ptr + row.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < n_lim)
 
@@ -241,26 +228,11 @@ def _store_row(y_ptr, row, M, acc, s, b, offs_n, N, stride_ym, HAS_SCALE: tl.con
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, W_CVT: tl.constexpr,
                  REDUCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 VEC: tl.constexpr, NUM_STAGES: tl.constexpr, PF_BYTES: tl.constexpr, GLU: tl.constexpr):
-    """y[m, n] = sum_k act(x)[m, k] * w[n, k] (* s[n]) (+ b[n]); act = silu(gate) * up when SILU_MUL.
-    PF_BYTES > 0 (bytes per W element; rows contiguous): the program's [BN, K] slab is asked into L2 first.
-    GLU: W is [2N, K] = [gate | up] and y[m, n] = silu(gate[m, n]) * up[m, n]; a program's BN rows are BN / 2
-    channels' gate and up rows, interleaved."""
+                 VEC: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """y[m, n] = sum_k act(x)[m, k] * w[n, k] (* s[n]) (+ b[n]); act = silu(gate) * up when SILU_MUL."""
     pid_n, m0 = tl.program_id(0), tl.program_id(1) * BLOCK_M
-    ROWS: tl.constexpr = BLOCK_N // 2 if GLU else BLOCK_N  # output channels per program
-    if PF_BYTES > 0:
-        if m0 == 0:  # NOTE: one request per slab (two with GLU), by the first row block
-            n_pf = tl.minimum(N - pid_n * ROWS, ROWS) * K * PF_BYTES
-            slab = w_ptr + pid_n.to(tl.int64) * ROWS * stride_wn
-            issue_l2_prefetch(slab.to(tl.int64, bitcast=True), n_pf)
-            if GLU:
-                issue_l2_prefetch((slab + N.to(tl.int64) * stride_wn).to(tl.int64, bitcast=True), n_pf)
-    if GLU:
-        j = tl.arange(0, BLOCK_N)
-        n_safe = tl.minimum(pid_n * ROWS + j // 2, N - 1) + (j % 2) * N  # [BN] rows: gate, up of each channel
-    else:
-        n_safe = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)  # NOTE: clamped; stores mask them
-    offs_n = pid_n * ROWS + tl.arange(0, ROWS)  # [ROWS] output columns
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_safe = tl.minimum(offs_n, N - 1)  # NOTE: clamped rows keep the loop's loads unmasked; stores mask them
     w_rows = w_ptr + (n_safe.to(tl.int64) * stride_wn)[:, None, None]  # [BN, 1, 1]
     ks = tl.arange(0, BLOCK_K // VEC)[None, :, None] * VEC + tl.arange(0, VEC)[None, None, :]  # [1, BK/V, V]
     ks = ks + tl.zeros((BLOCK_N, 1, 1), dtype=tl.int32)  # [BN, BK/V, V]: x's pointers get W's tile shape
@@ -288,17 +260,17 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_w
         s = tl.load(s_ptr + n_safe)
     if HAS_BIAS:
         b = tl.load(b_ptr + n_safe).to(tl.float32)
-    _store_row(y_ptr, m0, M, a0, s, b, offs_n, N, stride_ym, HAS_SCALE, HAS_BIAS, REDUCE, GLU)
+    _store_row(y_ptr, m0, M, a0, s, b, offs_n, N, stride_ym, HAS_SCALE, HAS_BIAS, REDUCE)
     if BLOCK_M > 1:
-        _store_row(y_ptr, m0 + 1, M, a1, s, b, offs_n, N, stride_ym, HAS_SCALE, HAS_BIAS, REDUCE, GLU)
+        _store_row(y_ptr, m0 + 1, M, a1, s, b, offs_n, N, stride_ym, HAS_SCALE, HAS_BIAS, REDUCE)
     if BLOCK_M > 2:
-        _store_row(y_ptr, m0 + 2, M, a2, s, b, offs_n, N, stride_ym, HAS_SCALE, HAS_BIAS, REDUCE, GLU)
-        _store_row(y_ptr, m0 + 3, M, a3, s, b, offs_n, N, stride_ym, HAS_SCALE, HAS_BIAS, REDUCE, GLU)
+        _store_row(y_ptr, m0 + 2, M, a2, s, b, offs_n, N, stride_ym, HAS_SCALE, HAS_BIAS, REDUCE)
+        _store_row(y_ptr, m0 + 3, M, a3, s, b, offs_n, N, stride_ym, HAS_SCALE, HAS_BIAS, REDUCE)
     if BLOCK_M > 4:
-        _store_row(y_ptr, m0 + 4, M, a4, s, b, offs_n, N, stride_ym, HAS_SCALE, HAS_BIAS, REDUCE, GLU)
-        _store_row(y_ptr, m0 + 5, M, a5, s, b, offs_n, N, stride_ym, HAS_SCALE, HAS_BIAS, REDUCE, GLU)
-        _store_row(y_ptr, m0 + 6, M, a6, s, b, offs_n, N, stride_ym, HAS_SCALE, HAS_BIAS, REDUCE, GLU)
-        _store_row(y_ptr, m0 + 7, M, a7, s, b, offs_n, N, stride_ym, HAS_SCALE, HAS_BIAS, REDUCE, GLU)
+        _store_row(y_ptr, m0 + 4, M, a4, s, b, offs_n, N, stride_ym, HAS_SCALE, HAS_BIAS, REDUCE)
+        _store_row(y_ptr, m0 + 5, M, a5, s, b, offs_n, N, stride_ym, HAS_SCALE, HAS_BIAS, REDUCE)
+        _store_row(y_ptr, m0 + 6, M, a6, s, b, offs_n, N, stride_ym, HAS_SCALE, HAS_BIAS, REDUCE)
+        _store_row(y_ptr, m0 + 7, M, a7, s, b, offs_n, N, stride_ym, HAS_SCALE, HAS_BIAS, REDUCE)
 
 
 @triton.jit
@@ -330,50 +302,33 @@ def _w_cvt(w: Tensor, cfg: GemvConfig) -> int:
     return I8_CVT.index(cfg.i8) + 1
 
 
-def _prefetch_bytes(w: Tensor, cfg: GemvConfig) -> int:
-    """The kernel's PF_BYTES: W's element size when the slab prefetch is asked for and can run, else 0."""
-    row_bytes = w.shape[1] * w.element_size()
-    ok = (cfg.prefetch and w.is_contiguous() and row_bytes % 16 == 0 and w.data_ptr() % 16 == 0
-          and os.environ.get("TRITON_INTERPRET") != "1" and l2_prefetch.supported(w))
-    return w.element_size() if ok else 0
-
-
 def gemv(x: Tensor, w: Tensor, scale: Tensor | None = None, bias: Tensor | None = None, silu_mul: bool = False,
-         config: GemvConfig | None = None, glu: bool = False) -> Tensor:
+         config: GemvConfig | None = None) -> Tensor:
     """x [M, K] (or [M, 2K] = [gate | up] with silu_mul) @ w [N, K]^T (* scale [N]) (+ bias [N]) -> [M, N], x's dtype.
 
     w: bf16 / fp16 / fp32, or int8 / float8_e4m3fn with a float32 scale per output channel. fp32 accumulation, one rounding.
-    glu: w is [2I, K] = [gate | up] rows and the result silu(gate) * up [M, I] (each half rounded first, as
-    silu_mul(gemv(...)) would round it), without the [M, 2I] intermediate or silu_mul's launch.
     """
     _check(x, w, scale, bias, silu_mul)
     (m, n), k = (x.shape[0], w.shape[0]), w.shape[1]
-    if glu and n % 2:
-        raise ValueError(f"glu needs an even number of rows [gate | up], got {n}")
-    n_out = n // 2 if glu else n
-    y = torch.empty((m, n_out), device=x.device, dtype=x.dtype)
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y
-    cfg = config or gemv_config(m, n, k, w.dtype, silu_mul, glu)
+    cfg = config or gemv_config(m, n, k, w.dtype, silu_mul)
     vec, bm = 16 // w.element_size(), block_m_for(m)
-    if cfg.block_k % vec or (glu and cfg.block_n < 2):
-        raise ValueError(f"block_k {cfg.block_k} must be a multiple of {vec} ({w.dtype}: 16-byte vectors)"
-                         + (" and block_n >= 2 with glu" if glu else ""))
+    if cfg.block_k % vec:
+        raise ValueError(f"block_k {cfg.block_k} is not a multiple of {vec} ({w.dtype}: 16-byte vectors)")
     dummy = scale if scale is not None else y  # NOTE: a valid pointer; disabled options never read it
-    grid = (triton.cdiv(n_out, cfg.block_n // 2 if glu else cfg.block_n), triton.cdiv(m, bm))
-    _gemv_kernel[grid](x, w, dummy, bias if bias is not None else dummy, y, m, n_out, k, x.stride(0), w.stride(0),
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, bm))
+    _gemv_kernel[grid](x, w, dummy, bias if bias is not None else dummy, y, m, n, k, x.stride(0), w.stride(0),
                        y.stride(0), scale is not None, bias is not None, silu_mul, _w_cvt(w, cfg),
                        REDUCE.index(cfg.reduce), bm, cfg.block_n, cfg.block_k, vec, cfg.num_stages,
-                       _prefetch_bytes(w, cfg), glu, num_warps=cfg.num_warps)
+                       num_warps=cfg.num_warps)
     return y
 
 
 def gemv_reference(x: Tensor, w: Tensor, scale: Tensor | None = None, bias: Tensor | None = None,
-                   silu_mul: bool = False, glu: bool = False) -> Tensor:
+                   silu_mul: bool = False) -> Tensor:
     """What gemv computes, in fp32 torch (any device): the test oracle."""
-    if glu:
-        gate, up = gemv_reference(x, w, scale, bias, silu_mul).float().chunk(2, dim=-1)
-        return (torch.nn.functional.silu(gate) * up).to(x.dtype)
     xf = x.float()
     if silu_mul:
         gate, up = xf.chunk(2, dim=-1)

@@ -31,7 +31,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check(w_dt: str, x_dt: str, m: int, n: int, k: int, bias: bool = False, silu: bool = False,
-          cfg: G.GemvConfig | None = None, seed: int = 0, device: str = "cpu", glu: bool = False) -> float:
+          cfg: G.GemvConfig | None = None, seed: int = 0, device: str = "cpu") -> float:
     """gemv vs gemv_reference; int8 weights quantized per output channel (amax / 127)."""
     g = torch.Generator(device).manual_seed(seed)
     x = torch.randn(m, 2 * k if silu else k, generator=g, device=device).to(_DT[x_dt])
@@ -42,11 +42,11 @@ def check(w_dt: str, x_dt: str, m: int, n: int, k: int, bias: bool = False, silu
         w = torch.round(w / scale[:, None]).clamp(-127, 127)
     w = w.to(_DT[w_dt])
     b = torch.randn(n, generator=g, device=device).to(_DT[x_dt]) if bias else None
-    y = G.gemv(x, w, scale, b, silu_mul=silu, config=cfg, glu=glu)
-    assert y.shape == (m, n // 2 if glu else n) and y.dtype == x.dtype
+    y = G.gemv(x, w, scale, b, silu_mul=silu, config=cfg)
+    assert y.shape == (m, n) and y.dtype == x.dtype
     if m == 0:
         return 0.0
-    return rel_err(y, G.gemv_reference(x, w, scale, b, silu_mul=silu, glu=glu))
+    return rel_err(y, G.gemv_reference(x, w, scale, b, silu_mul=silu))
 
 
 def interp_cases() -> list[tuple[str, dict, float]]:
@@ -64,11 +64,6 @@ def interp_cases() -> list[tuple[str, dict, float]]:
         for m, silu in ((1, False), (3, True)):
             kw = {"w_dt": "int8", "x_dt": "fp32", "m": m, "n": 20, "k": 200, "bias": True, "silu": silu, "cfg": cfg}
             cases.append((f"int8-{cfg.tag}-m{m}-silu{int(silu)}", kw, 1e-5))
-    # glu (gate_up with silu(gate) * up in the epilogue): channels not a multiple of BN / 2, every row block
-    for w_dt, m, cfg in (("int8", 1, None), ("int8", 3, G.GemvConfig(4, 64, 4, 1, "vec")), ("bf16", 2, None),
-                         ("fp32", 5, G.GemvConfig(8, 32, 2, 1, "end"))):
-        kw = {"w_dt": w_dt, "x_dt": "fp32", "m": m, "n": 2 * 23, "k": 96, "bias": m == 3, "cfg": cfg, "glu": True}
-        cases.append((f"glu-{w_dt}-m{m}-{cfg.tag if cfg else 'default'}", kw, 1e-5))
     edge = {"n<block_n": {"n": 3, "k": 64}, "k<block_k": {"n": 24, "k": 40}, "k%block_k==0": {"n": 24, "k": 256},
             "m9-two-row-blocks": {"m": 9, "n": 12, "k": 48}, "m0": {"m": 0, "n": 8, "k": 32}}
     for name, shape in edge.items():
@@ -101,8 +96,7 @@ def _compile(cfg: G.GemvConfig, bm: int, kind: str, silu: bool, bias: bool) -> d
     int8, fn = kind == "int8", G._gemv_kernel
     consts = {"HAS_SCALE": int8, "HAS_BIAS": bias, "SILU_MUL": silu, "W_CVT": G.I8_CVT.index(cfg.i8) + 1 if int8 else 0,
               "REDUCE": G.REDUCE.index(cfg.reduce), "BLOCK_M": bm, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-              "VEC": 16 if int8 else 8, "NUM_STAGES": cfg.num_stages,
-              "PF_BYTES": (1 if int8 else 2) if cfg.prefetch else 0, "GLU": False, **({"M": 1} if bm == 1 else {})}
+              "VEC": 16 if int8 else 8, "NUM_STAGES": cfg.num_stages, **({"M": 1} if bm == 1 else {})}
     ptrs = {"w_ptr": "*i8" if int8 else "*bf16", "s_ptr": "*fp32"}
     sig = {a: "constexpr" if a in consts else ptrs.get(a, "*bf16") if a.endswith("_ptr") else "i32"
            for a in fn.arg_names}

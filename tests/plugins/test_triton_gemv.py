@@ -49,7 +49,7 @@ def test_configs_are_validated_and_chosen_from_shapes() -> None:
             cfg = G.gemv_config(m, 4608, 4096, dtype)
             assert cfg == G.gemv_config(m, 4608, 4096, dtype)  # shapes only: CUDA-graph safe
             assert cfg.block_k % (16 // torch.empty(0, dtype=dtype).element_size()) == 0
-    key = ("int8", 1, 4096, 13696, True, False)
+    key = ("int8", 1, 4096, 13696, True)
     G.TABLE[key] = G.GemvConfig(2, 512, 1)
     try:
         assert G.gemv_config(1, 4096, 13696, torch.int8, silu_mul=True) == G.GemvConfig(2, 512, 1)
@@ -123,41 +123,6 @@ def test_gpu_model_shapes(shape: str, m: int, w_dt: str) -> None:
 @pytest.mark.parametrize("silu,bias", [(False, False), (True, True)])
 def test_gpu_odd_shapes(w_dt, x_dt, tol, m, n, k, silu, bias) -> None:
     assert _check(w_dt, x_dt, m, n, k, bias=bias, silu=silu, seed=n + m) <= tol
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("w_dt", ["bf16", "int8"])
-@pytest.mark.parametrize("m", [1, 2, 3])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_gpu_glu_and_slab_prefetch_at_gate_up(w_dt: str, m: int, prefetch: bool) -> None:
-    """gate_up with silu(gate) * up in the epilogue (the 9B shape, and a ragged one), with and without the
-    L2 slab prefetch, matches silu_mul(gate_up) in fp32."""
-    from autoglm_trt.plugins import triton_gemv as G
-
-    for n, k in ((2 * 13696, 4096), (2 * 37, 160)):
-        cfg = G.GemvConfig(**{**G.gemv_config(m, n, k, torch.bfloat16 if w_dt == "bf16" else torch.int8).__dict__,
-                              "prefetch": prefetch})
-        assert _check(w_dt, "bf16", m, n, k, cfg=cfg, seed=m, glu=True) <= 1e-2
-        assert _check(w_dt, "bf16", m, n, k, cfg=cfg, seed=m) <= 1e-2
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_gpu_l2_prefetch_runs_and_changes_nothing() -> None:
-    """The prefetch kernel launches (eagerly and in a graph) at odd sizes and leaves the data alone."""
-    from autoglm_trt.plugins import l2_prefetch
-
-    t = torch.randint(-127, 128, (3 * 65536 + 48,), device="cuda", dtype=torch.int8)
-    before = t.clone()
-    for nbytes in (None, 16, 65536 + 32, 10**9):
-        l2_prefetch.l2_prefetch(t, nbytes)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        l2_prefetch.l2_prefetch(t)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(t, before)
 
 
 @pytest.mark.slow
