@@ -6,8 +6,6 @@ weights, through the engine's own kernels, one CUDA graph per variant, all in on
 Per layer, as Glm4vTextDecoderLayer runs it under the engine: qkv (W8A16, bias) -> rotary + KV store ->
 decode attention over `--context` cached keys -> o_proj -> norm_add_norm -> gate_up -> silu_mul -> down_proj
 -> norm_add_norm. No embedding, LM head or sampling. A variant is a set of switches (VARIANTS):
-  a16      the norms and silu_mul also write 16-bit planes; qkv, gate_up and down_proj run triton_gemv_a16 (the
-           engine's int8-wo at one token; without it, the bf16-activation kernels below)
   gemv     gate_up and down_proj on the Triton GEMV too (else the split-K int8 GEMM; qkv/o take the GEMV)
   split=N  decode attention: each split takes >= N keys (default: one tile)
   fan=N, bn=N, splits=N  decode attention: partials merged per program (8), keys per tile (64), splits
@@ -32,7 +30,7 @@ from bench_decode import median_event_ms  # noqa: E402
 
 H, I, HEADS, KV, D, PAGE, EPS = 4096, 13696, 32, 2, 128, 16, 1e-5
 QKV = (HEADS + 2 * KV) * D
-VARIANTS = {"base": "", "a16": "a16", "gemv": "gemv", "split256": "split=256", "fan16": "fan=16", "tile32": "bn=32"}
+VARIANTS = {"base": "", "gemv": "gemv", "split256": "split=256", "fan16": "fan=16", "tile32": "bn=32"}
 
 
 @dataclass
@@ -78,14 +76,8 @@ def make_step(layers: list[Layer], context: int, opts: dict, max_blocks: int):
     bt = torch.arange(max_blocks, device="cuda", dtype=torch.int32)[None] % (context // PAGE + 2)
     slot = torch.tensor([context - 1], device="cuda", dtype=torch.int64)
 
-    a16 = bool(opts.get("a16"))
-
     def lin(x, wq, bias=None):  # x [1, K] -> [1, N]
-        if getattr(x, "a16", None) is not None:  # as layers.quant.Int8WeightOnlyMethod
-            from autoglm_trt.plugins import triton_gemv_a16 as A
-
-            return A.gemv_a16(x.a16, *wq, bias, x.dtype)
-        return G.gemv(x, *wq, bias) if opts.get("gemv") else Q.w8a16(x, *wq, bias)
+        return G.gemv(x, *wq, bias) if opts.get("gemv") else Q.w8a16(x, *wq, bias)  # the engine's int8-wo path
 
     def step():
         x, residual = x0, x0
@@ -95,10 +87,9 @@ def make_step(layers: list[Layer], context: int, opts: dict, max_blocks: int):
             a = triton_attention.decode_attention(q, L.k_cache, L.v_cache, seq_lens, bt, D ** -0.5,
                                                   min_split=opts.get("split"), merge_fan=opts.get("fan"),
                                                   block_n=opts.get("bn"), num_splits=opts.get("splits"))
-            residual, x = plugins.norm_add_norm(lin(a.flatten(1), L.w["o"]), residual, L.norms[0], L.norms[1], EPS,
-                                                a16=a16)
-            h = plugins.silu_mul(lin(x, L.w["gate_up"]), a16=a16)  # [1, I]
-            residual, x = plugins.norm_add_norm(lin(h, L.w["down"]), residual, L.norms[2], L.norms[3], EPS, a16=a16)
+            residual, x = plugins.norm_add_norm(lin(a.flatten(1), L.w["o"]), residual, L.norms[0], L.norms[1], EPS)
+            h = plugins.silu_mul(lin(x, L.w["gate_up"]))  # [1, I]
+            residual, x = plugins.norm_add_norm(lin(h, L.w["down"]), residual, L.norms[2], L.norms[3], EPS)
         return x
 
     return step

@@ -12,8 +12,8 @@ bf16 -> fp32, an FMA) and reads int8 weights at ~2.6 TB/s where the same kernel 
   dp4a-2    the same with 16 bits (2 planes): what the third plane costs
   read      the same tiling reading the weights only (XOR of the words): this tiling's memory ceiling
 The activation planes are made by torch on the host side of the probe; a product would have to make
-them in the kernel that writes x (a separate rounding launch was tried in the engine: it cost ~2 us per
-call and ate the gain; docs/benchmarks.md, session 7). Not part of the package: a question asked of the GPU.
+them somewhere: in a launch of their own, or in the kernels that write x. Both were built and timed in the
+engine (commit 9bd5915) and came out flat or slower (docs/benchmarks.md, session 7), so this stays a probe.
 """
 
 from __future__ import annotations

@@ -13,17 +13,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
-        self.a16 = False  # set by layers.quant for int8-wo: one token's output also as 16-bit planes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return plugins.rms_norm(x, self.weight, self.eps, a16=self.a16)
+        return plugins.rms_norm(x, self.weight, self.eps)
 
 
 def add_norm(x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm):
     """The pre-norm junction: h = residual + x; returns (h, norm(h)) from one pass."""
-    return plugins.norm_add_norm(x, residual, None, norm.weight, norm.eps, a16=norm.a16)
+    return plugins.norm_add_norm(x, residual, None, norm.weight, norm.eps)
 
 
 def norm_add_norm(x: torch.Tensor, residual: torch.Tensor, norm_a: RMSNorm, norm_b: RMSNorm):
     """The sandwich-norm junction: h = residual + norm_a(x); returns (h, norm_b(h))."""
-    return plugins.norm_add_norm(x, residual, norm_a.weight, norm_b.weight, norm_a.eps, a16=norm_b.a16)
+    return plugins.norm_add_norm(x, residual, norm_a.weight, norm_b.weight, norm_a.eps)

@@ -2,9 +2,7 @@
 
 Modes:
 - "int8-wo": W8A16. `weight` int8 [N, K] + `weight_scale` fp32 [N] (per output channel, symmetric,
-  amax / 127); activations stay in the model dtype, the kernel dequantizes in its epilogue. At one token
-  on CUDA, the norms and silu_mul before qkv_proj, gate_up_proj and down_proj also write their output as
-  16-bit integers per token, and those GEMVs run on dp4a (plugins/triton_gemv_a16; mark_a16_producers).
+  amax / 127); activations stay in the model dtype, the kernel dequantizes in its epilogue.
 - "w8a8": SmoothQuant. Activation outliers migrate into the weights with per-input-channel scales
   s (x / s, W * s); s folds into the RMSNorm before qkv_proj (input_layernorm) and gate_up_proj
   (post_attention_layernorm), and for down_proj into the `up` rows of gate_up_proj (exact: the MLP
@@ -138,22 +136,8 @@ class Int8WeightOnlyMethod:
     name = "int8-wo"
 
     def apply(self, layer: LinearBase, x: Tensor) -> Tensor:
-        a16 = getattr(x, "a16", None)  # one token, also as 16-bit planes (mark_a16_producers): the dp4a GEMV
-        if a16 is not None:
-            from autoglm_trt.plugins import triton_gemv_a16 as A  # NOTE: importable: a Triton kernel wrote a16
-
-            if A.supported(a16, layer.weight):
-                y = A.gemv_a16(a16, layer.weight, layer.weight_scale, _bias(layer), x.dtype)  # [1, N]
-                return y.reshape(*x.shape[:-1], -1)
         y = w8a16(x.reshape(-1, x.shape[-1]), layer.weight, layer.weight_scale, _bias(layer))  # [T, N]
         return y.reshape(*x.shape[:-1], -1)
-
-
-def mark_a16_producers(model: nn.Module) -> None:
-    """int8-wo: the norms before qkv_proj and gate_up_proj and the MLP's silu_mul before down_proj also write a
-    one-token output as 16-bit integer planes, so those linears run plugins/triton_gemv_a16 (dp4a) at batch 1."""
-    for layer in decoder_layers(model):
-        layer.input_layernorm.a16 = layer.post_attention_layernorm.a16 = layer.mlp.a16 = True
 
 
 def quantize_lm_head(head: nn.Module) -> None:
@@ -343,8 +327,6 @@ def quantize_model(model: nn.Module, mode: str, act_scales=None, smooth_alpha: f
     head = getattr(model, "lm_head", None) if lm_head else None  # NOTE: the builder's one-layer holders have none
     if head is not None:
         quantize_lm_head(head)
-    if mode == "int8-wo":
-        mark_a16_producers(model)
     model.quant_config = {"mode": mode, "act_quant": act_quant if mode == "w8a8" else None,
                           "smooth_alpha": smooth_alpha if mode == "w8a8" and scales else None,
                           "lm_head": "int8" if head is not None else None}
@@ -391,7 +373,5 @@ def prepare_quantized_model(model: nn.Module, mode: str, *, act_quant: str = "dy
         lin.quant_method = W8A8Method(static=act_quant == "static")
     if lm_head:
         _prepare_lm_head(model.lm_head)
-    if mode == "int8-wo":
-        mark_a16_producers(model)
     model.quant_config = {"mode": mode, "act_quant": act_quant if mode == "w8a8" else None, "smooth_alpha": None,
                           "lm_head": "int8" if lm_head else None}

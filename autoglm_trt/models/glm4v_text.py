@@ -56,11 +56,9 @@ class Glm4vTextMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
-        self.a16 = False  # set by layers.quant for int8-wo: silu_mul's one-token output also as 16-bit planes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = plugins.silu_mul(self.gate_up_proj(x), a16=self.a16)  # [T, 2I/tp] -> [T, I/tp]
-        return self.down_proj(h)  # [T, H]
+        return self.down_proj(plugins.silu_mul(self.gate_up_proj(x)))  # [T, 2I/tp] -> [T, I/tp] -> [T, H]
 
 
 class Glm4vTextDecoderLayer(nn.Module):

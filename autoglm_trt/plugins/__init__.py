@@ -18,7 +18,6 @@ from torch import Tensor
 from autoglm_trt.plugins import reference
 
 _DISABLE_ENV = "AUTOGLM_TRT_DISABLE_TRITON"
-A16_ENV = "AUTOGLM_TRT_INT8_A16"  # "0": producers never write 16-bit planes (int8-wo batch 1 on the bf16 GEMV)
 _modules: dict[str, ModuleType | None] = {}
 
 
@@ -75,42 +74,16 @@ def decode_attention(
     )
 
 
-def _a16_for(mod: ModuleType, x: Tensor, k: int, wanted: bool):
-    """An A16 (plugins/triton_gemv_a16) for a producer to fill: asked for, on the Triton path, one row of k
-    columns (k % 4 == 0, k <= 16384); else None."""
-    if not wanted or mod is reference or os.environ.get(A16_ENV, "1") == "0":
-        return None
-    if x.numel() != x.shape[-1] or k % 4 or k > 16384:
-        return None
-    a16 = _load("triton_gemv_a16")
-    return a16.new_a16(k, x.device) if a16 is not None else None
-
-
-def _with_a16(y: Tensor, a16) -> Tensor:
-    if a16 is not None:
-        y.a16 = a16  # NOTE: rides on this tensor object (views drop it); layers.quant's int8-wo reads it
-    return y
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float, a16: bool = False) -> Tensor:
-    """Hugging Face RMSNorm of x `[T, N]` in x's dtype. a16: one row's result also as 16-bit integer planes
-    (`.a16` on the result, for the int8 GEMV that follows; only where the Triton path runs)."""
-    mod = _impl("triton_norm", x)
-    a = _a16_for(mod, x, x.shape[-1], a16)
-    return _with_a16(mod.rms_norm(x, weight, eps, a16=a) if a else mod.rms_norm(x, weight, eps), a)
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Hugging Face RMSNorm of x `[T, N]` in x's dtype."""
+    return _impl("triton_norm", x).rms_norm(x, weight, eps)
 
 
 def norm_add_norm(
-    x: Tensor, residual: Tensor, w_a: Tensor | None, w_b: Tensor, eps: float, a16: bool = False
+    x: Tensor, residual: Tensor, w_a: Tensor | None, w_b: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
-    """h = residual + rms_norm(x, w_a) (residual + x when w_a is None); y = rms_norm(h, w_b). Returns (h, y).
-    a16: y as in rms_norm's a16."""
-    mod = _impl("triton_norm", x)
-    a = _a16_for(mod, x, x.shape[-1], a16)
-    if a is None:
-        return mod.norm_add_norm(x, residual, w_a, w_b, eps)
-    h, y = mod.norm_add_norm(x, residual, w_a, w_b, eps, a16=a)
-    return h, _with_a16(y, a)
+    """h = residual + rms_norm(x, w_a) (residual + x when w_a is None); y = rms_norm(h, w_b). Returns (h, y)."""
+    return _impl("triton_norm", x).norm_add_norm(x, residual, w_a, w_b, eps)
 
 
 def rope_qkv_store(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -134,12 +107,9 @@ def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, w, bias)
 
 
-def silu_mul(x: Tensor, up: Tensor | None = None, a16: bool = False) -> Tensor:
-    """x `[T, 2I]` = [gate | up] (or x = gate and `up`, both `[T, I]`) -> silu(gate) * up `[T, I]`.
-    a16: as in rms_norm's a16."""
-    mod = _impl("triton_fused", x)
-    a = _a16_for(mod, x if up is None else up, x.shape[-1] // 2 if up is None else x.shape[-1], a16)
-    return _with_a16(mod.silu_mul(x, up, a16=a) if a else mod.silu_mul(x, up), a)
+def silu_mul(x: Tensor, up: Tensor | None = None) -> Tensor:
+    """x `[T, 2I]` = [gate | up] (or x = gate and `up`, both `[T, I]`) -> silu(gate) * up `[T, I]`."""
+    return _impl("triton_fused", x).silu_mul(x, up)
 
 
 def vision_rope_(qkv: Tensor, cos: Tensor, sin: Tensor) -> None:

@@ -12,8 +12,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from autoglm_trt.plugins.triton_gemv_a16 import A16, emit_a16
-
 
 @triton.jit
 def _rope_store_kernel(
@@ -109,32 +107,12 @@ def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, stride_g, stride_u, stride_y, n_cols, 
     tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _silu_mul_a16_kernel(g_ptr, u_ptr, y_ptr, planes_ptr, scale_ptr, n_cols, BLOCK: tl.constexpr):
-    """One row, whole: y = silu(gate) * up, and y as 16-bit integer planes (triton_gemv_a16.emit_a16)."""
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    gate = tl.load(g_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(u_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (gate / (1.0 + tl.exp(-gate)) * up).to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + cols, y, mask=mask)
-    emit_a16(y.to(tl.float32), planes_ptr, scale_ptr, cols, mask, n_cols)
-
-
-def silu_mul(x: Tensor, up: Tensor | None = None, a16: A16 | None = None) -> Tensor:
-    """x [T, 2I] = [gate | up] (or x = gate [T, I] and `up` [T, I]) -> silu(gate) * up [T, I], one rounding.
-    `a16` (one row): the result is also written as 16-bit integer planes, for triton_gemv_a16."""
+def silu_mul(x: Tensor, up: Tensor | None = None) -> Tensor:
+    """x [T, 2I] = [gate | up] (or x = gate [T, I] and `up` [T, I]) -> silu(gate) * up [T, I], one rounding."""
     gate = _last_contiguous(x)
     up = gate[:, gate.shape[1] // 2:] if up is None else _last_contiguous(up)  # [T, I]
     t, n = up.shape
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
-    if a16 is not None:
-        if t != 1:
-            raise ValueError(f"silu_mul: a16 output is for one row, got {t}")
-        block = triton.next_power_of_2(n)
-        _silu_mul_a16_kernel[(1,)](gate, up, y, a16.planes, a16.scale, n, BLOCK=block,
-                                   num_warps=max(4, min(16, block // 1024)))
-        return y
     if t:
         block = 1024
         _silu_mul_kernel[(t, triton.cdiv(n, block))](gate, up, y, gate.stride(0), up.stride(0), y.stride(0), n,

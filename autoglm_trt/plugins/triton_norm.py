@@ -14,8 +14,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from autoglm_trt.plugins.triton_gemv_a16 import A16, emit_a16
-
 _MAX_HIDDEN = 8192
 
 
@@ -28,9 +26,7 @@ def _hf_rms_norm(x, w, n_cols, eps, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, planes_ptr, scale_ptr, stride_x, stride_y, n_cols, eps,
-                     BLOCK: tl.constexpr, A16_OUT: tl.constexpr):
-    """A16_OUT (one row): y is also written as 16-bit integer planes for triton_gemv_a16."""
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -38,14 +34,12 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, planes_ptr, scale_ptr, stride_x, strid
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [N]
     y = _hf_rms_norm(x, w, n_cols, eps, y_ptr.dtype.element_ty)
     tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    if A16_OUT:
-        emit_a16(y, planes_ptr, scale_ptr, offs, mask, n_cols)
 
 
 @triton.jit
 def _norm_add_norm_kernel(
-    x_ptr, r_ptr, wa_ptr, wb_ptr, h_ptr, y_ptr, planes_ptr, scale_ptr, stride_x, stride_r, stride_h, stride_y,
-    n_cols, eps, BLOCK: tl.constexpr, NORM_A: tl.constexpr, A16_OUT: tl.constexpr,
+    x_ptr, r_ptr, wa_ptr, wb_ptr, h_ptr, y_ptr, stride_x, stride_r, stride_h, stride_y,
+    n_cols, eps, BLOCK: tl.constexpr, NORM_A: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -61,8 +55,6 @@ def _norm_add_norm_kernel(
     tl.store(h_ptr + row * stride_h + offs, h, mask=mask)
     y = _hf_rms_norm(h.to(tl.float32), w_b, n_cols, eps, dtype)
     tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    if A16_OUT:
-        emit_a16(y, planes_ptr, scale_ptr, offs, mask, n_cols)
 
 
 def _launch_config(n_cols: int) -> tuple[int, int]:
@@ -80,34 +72,26 @@ def _rows(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _a16_args(a16: A16 | None, rows: int, fallback: Tensor) -> tuple[Tensor, Tensor]:
-    if a16 is not None and rows != 1:
-        raise ValueError(f"a16 output is for one row, got {rows}")
-    return (a16.planes, a16.scale) if a16 is not None else (fallback, fallback)
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float, *, out: Tensor | None = None, a16: A16 | None = None) -> Tensor:
-    """HF RMSNorm of x `[T, N]` -> `[T, N]` in x's dtype (`out`: optional contiguous result; `a16`: one row's
-    16-bit integer planes written too, for triton_gemv_a16)."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float, *, out: Tensor | None = None) -> Tensor:
+    """HF RMSNorm of x `[T, N]` -> `[T, N]` in x's dtype (`out`: optional contiguous result)."""
     x2 = _rows(x)
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if out is None else out.view(x2.shape)
     if x2.shape[0] > 0:
         block, warps = _launch_config(x2.shape[1])
         _rms_norm_kernel[(x2.shape[0],)](
-            x2, weight, y, *_a16_args(a16, x2.shape[0], y), x2.stride(0), y.stride(0), x2.shape[1], eps,
-            BLOCK=block, A16_OUT=a16 is not None, num_warps=warps,
+            x2, weight, y, x2.stride(0), y.stride(0), x2.shape[1], eps,
+            BLOCK=block, num_warps=warps,
         )
     return y.view(x.shape)
 
 
 def norm_add_norm(
     x: Tensor, residual: Tensor, w_a: Tensor | None, w_b: Tensor, eps: float, *,
-    out: tuple[Tensor, Tensor] | None = None, a16: A16 | None = None,
+    out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """h = residual + rms_norm(x, w_a) (residual + x when w_a is None); y = rms_norm(h, w_b); one pass, both written.
 
-    `out` = (h, y): optional contiguous results; h may alias residual (in-place residual update). `a16`: one
-    row's y also written as 16-bit integer planes, for triton_gemv_a16.
+    `out` = (h, y): optional contiguous results; h may alias residual (in-place residual update).
     """
     if x.dtype != residual.dtype:
         raise ValueError(f"norm_add_norm: x dtype {x.dtype} != residual dtype {residual.dtype}")
@@ -120,8 +104,7 @@ def norm_add_norm(
     if x2.shape[0] > 0:
         block, warps = _launch_config(x2.shape[1])
         _norm_add_norm_kernel[(x2.shape[0],)](
-            x2, r2, w_b if w_a is None else w_a, w_b, h, y, *_a16_args(a16, x2.shape[0], y), x2.stride(0),
-            r2.stride(0), h.stride(0), y.stride(0), x2.shape[1], eps, BLOCK=block, NORM_A=w_a is not None,
-            A16_OUT=a16 is not None, num_warps=warps,
+            x2, r2, w_b if w_a is None else w_a, w_b, h, y, x2.stride(0), r2.stride(0), h.stride(0), y.stride(0),
+            x2.shape[1], eps, BLOCK=block, NORM_A=w_a is not None, num_warps=warps,
         )
     return h.view(x.shape), y.view(x.shape)

@@ -95,14 +95,10 @@ def variants(quick: bool = False) -> list[dict]:
                       {"slot_ptr": "*i64"}))
     for hidden in (64, 1536, 4096, 8192):
         block, warps = tn._launch_config(hidden)
-        a16_ptrs = {"planes_ptr": "*u8", "scale_ptr": "*fp32"}
-        for a16 in (False, True):
-            tag = "-a16" if a16 else ""
-            rows.append(build(f"rms_norm-bf16-{hidden}{tag}", tn._rms_norm_kernel, "bf16",
-                              dict(BLOCK=block, A16_OUT=a16), warps, 1, a16_ptrs))
-            for norm_a in (True, False):
-                rows.append(build(f"{'norm_' if norm_a else ''}add_norm-bf16-{hidden}{tag}", tn._norm_add_norm_kernel,
-                                  "bf16", dict(BLOCK=block, NORM_A=norm_a, A16_OUT=a16), warps, 1, a16_ptrs))
+        rows.append(build(f"rms_norm-bf16-{hidden}", tn._rms_norm_kernel, "bf16", dict(BLOCK=block), warps, 1))
+        for norm_a in (True, False):
+            rows.append(build(f"{'norm_' if norm_a else ''}add_norm-bf16-{hidden}", tn._norm_add_norm_kernel, "bf16",
+                              dict(BLOCK=block, NORM_A=norm_a), warps, 1))
     return rows
 
 
