@@ -128,13 +128,14 @@ def check_store_kv(mod, ref, *, device: str, dtype: torch.dtype, kv_heads: int, 
 
 def check_decode(mod, ref, *, device: str, dtype: torch.dtype, seq_lens: list[int], heads: int,
                  kv_heads: int, head_dim: int, block_size: int, num_splits: int | None,
-                 seed: int) -> float:
+                 seed: int, knobs: dict | None = None) -> float:
     batch = make_batch(seq_lens, [1] * len(seq_lens), heads=heads, kv_heads=kv_heads,
                        head_dim=head_dim, block_size=block_size, dtype=dtype, device=device,
                        seed=seed)
     want = ref.decode_attention(*batch.decode_args())
     out = torch.full_like(batch.q, float("nan"))  # poison: every element must be written
-    got = mod.decode_attention(*batch.decode_args(), num_splits=num_splits, out=out)
+    extra = knobs if mod is not ref else {}  # NOTE: the benchmarks' tuning knobs (Triton only)
+    got = mod.decode_attention(*batch.decode_args(), num_splits=num_splits, out=out, **(extra or {}))
     return rel_err(got, want)
 
 
@@ -221,6 +222,14 @@ def small_cases() -> list[tuple[str, str, dict]]:
     for i, (lens, h, kvh, d, bs, ns) in enumerate(decode_shapes):
         cases.append((f"decode-{i}", "decode", dict(seq_lens=lens, heads=h, kv_heads=kvh,
                       head_dim=d, block_size=bs, num_splits=ns, seed=100 + i)))
+    knob_cases = [  # decode_attention's benchmark knobs: fewer keys per split, a wider merge, other tiles
+        ([700, 1, 0, 65, 257], 32, 2, 16, 16, 20, {"min_split": 128}),
+        ([1100, 300, 9], 4, 2, 16, 64, 64, {"merge_fan": 16}),
+        ([260, 45], 32, 2, 128, 16, None, {"block_n": 16, "min_split": 48}),
+    ]
+    for i, (lens, h, kvh, d, bs, ns, knobs) in enumerate(knob_cases):
+        cases.append((f"decode_knobs-{i}", "decode", dict(seq_lens=lens, heads=h, kv_heads=kvh, head_dim=d,
+                      block_size=bs, num_splits=ns, seed=130 + i, knobs=knobs)))
     for i, (lens, ns) in enumerate([([700, 0, 1, 257], 20), ([130, 7], 3)]):
         cases.append((f"decode_repeat-{i}", "decode_repeat", {
             "seq_lens": lens, "heads": 8, "kv_heads": 2, "head_dim": 16, "block_size": 16,
