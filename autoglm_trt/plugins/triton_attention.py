@@ -256,6 +256,8 @@ def decode_attention(
     """
     fan = merge_fan or _MERGE_FAN
     tile = block_n or _DECODE_BLOCK_N[q.element_size()]
+    if min_split is not None and min_split % tile:
+        raise ValueError(f"min_split must be a multiple of the {tile}-key tile, got {min_split}")
     batch, num_heads, head_dim = q.shape
     _, page, kv_heads, _ = k_cache.shape
     group = num_heads // kv_heads
