@@ -111,7 +111,7 @@ def time_variant(layers, context, spec, iters, max_blocks, profile: bool = False
 
 
 def print_profile(graph, spec: str, n_layers: int) -> None:
-    """Kernel time per layer by kernel name over 5 replays, and the sum against the replay's wall time."""
+    """Kernel time per layer, in all and by kernel name (the top 10), over 5 replays of the graph."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
