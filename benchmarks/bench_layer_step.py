@@ -9,6 +9,7 @@ decode attention over `--context` cached keys -> o_proj -> norm_add_norm -> gate
   gemv     gate_up and down_proj on the Triton GEMV too (else the split-K int8 GEMM; qkv/o take the GEMV)
   split=N  decode attention: each split takes >= N keys (default: one tile)
   fan=N, bn=N, splits=N  decode attention: partials merged per program (8), keys per tile (64), splits
+  reduce   decode attention merges its splits in a second launch (session 1's design) instead of in-kernel
 Prints ms per step, us per layer, the weight bytes' rate and the ratio to the first variant; --profile adds
 each variant's kernel times per layer.
 """
@@ -30,7 +31,8 @@ from bench_decode import median_event_ms  # noqa: E402
 
 H, I, HEADS, KV, D, PAGE, EPS = 4096, 13696, 32, 2, 128, 16, 1e-5
 QKV = (HEADS + 2 * KV) * D
-VARIANTS = {"base": "", "gemv": "gemv", "split256": "split=256", "fan16": "fan=16", "tile32": "bn=32"}
+VARIANTS = {"base": "", "reduce": "reduce", "gemv": "gemv", "split256": "split=256", "fan16": "fan=16",
+            "tile32": "bn=32"}
 
 
 @dataclass
@@ -86,7 +88,8 @@ def make_step(layers: list[Layer], context: int, opts: dict, max_blocks: int):
             q = plugins.rope_qkv_store(qkv, cos, sin, L.k_cache, L.v_cache, slot, HEADS, KV, D)  # [1, 32, 128]
             a = triton_attention.decode_attention(q, L.k_cache, L.v_cache, seq_lens, bt, D ** -0.5,
                                                   min_split=opts.get("split"), merge_fan=opts.get("fan"),
-                                                  block_n=opts.get("bn"), num_splits=opts.get("splits"))
+                                                  block_n=opts.get("bn"), num_splits=opts.get("splits"),
+                                                  separate=bool(opts.get("reduce")))
             residual, x = plugins.norm_add_norm(lin(a.flatten(1), L.w["o"]), residual, L.norms[0], L.norms[1], EPS)
             h = plugins.silu_mul(lin(x, L.w["gate_up"]))  # [1, I]
             residual, x = plugins.norm_add_norm(lin(h, L.w["down"]), residual, L.norms[2], L.norms[3], EPS)

@@ -99,6 +99,32 @@ def _arrive(cnt_ptr, target):
 
 
 @triton.jit
+def _split_plan(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
+    """(keys per split: a tile-aligned share, at least MIN_SPLIT; splits holding keys, 0 if seq_len is 0)."""
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT)
+    return split_len, tl.cdiv(seq_len, tl.maximum(split_len, 1))
+
+
+@triton.jit
+def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                          MIN_SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (b, kv_head, head in group): merge the used splits' partials by their log2-sum-exp."""
+    b, kvh, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _, n_used = _split_plan(tl.load(seq_lens_ptr + b), num_splits, BLOCK_N, MIN_SPLIT)
+    if n_used > 1:  # NOTE: otherwise split 0 wrote the output itself
+        offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
+        s_mask = offs_s < n_used
+        rows = (b * tl.num_programs(1) + kvh) * num_splits * GROUP + offs_s * GROUP + g  # [S]
+        lse = tl.load(part_lse_ptr + rows, mask=s_mask, other=float("-inf"))  # [S]
+        w = tl.exp2(lse - tl.max(lse, 0))  # [S]; unused splits weigh 0
+        o = tl.load(part_o_ptr + rows[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+        o = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)  # [D]
+        tl.store(out_ptr + b * stride_ob + (kvh * GROUP + g) * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty),
+                 mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
 def _store_partial(part_o_ptr, part_lse_ptr, rows, o, lse, g_mask, offs_d, BLOCK_D: tl.constexpr):
     """rows [G]: partial rows of the group's heads; o [G, BLOCK_D] normalised, lse [G] log2."""
     tl.store(part_o_ptr + rows[:, None] * BLOCK_D + offs_d[None, :], o, mask=g_mask[:, None])
@@ -162,14 +188,13 @@ def _decode_split_kernel(
     stride_vb, stride_vs, stride_vh, stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, FAN: tl.constexpr, DIRECT: tl.constexpr,
-    IEEE: tl.constexpr, MIN_SPLIT: tl.constexpr,
+    IEEE: tl.constexpr, MIN_SPLIT: tl.constexpr, SEPARATE: tl.constexpr,
 ):
-    """Program (b, kv_head, split): the GROUP query heads of one kv head over one key range."""
+    """Program (b, kv_head, split): the GROUP query heads of one kv head over one key range.
+    SEPARATE: used splits only store their partials; _decode_reduce_kernel merges them (a second launch)."""
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    # a tile-aligned share, at least MIN_SPLIT keys: short sequences use fewer splits (less to merge)
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT)
-    n_used = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # splits holding keys; 0 if seq_len 0
+    split_len, n_used = _split_plan(seq_len, num_splits, BLOCK_N, MIN_SPLIT)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, seq_len)
     offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
@@ -199,6 +224,10 @@ def _decode_split_kernel(
     elif n_used <= 1:  # all keys (or none: seq_len 0 -> zeros) in split 0: nothing to merge
         if split == 0:
             tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+    elif SEPARATE:
+        if split < n_used:
+            rows = (b * tl.num_programs(1) + kvh) * num_splits * GROUP + split * GROUP + offs_g
+            _store_partial(part_o_ptr, part_lse_ptr, rows, o, lse, g_mask, offs_d, BLOCK_D)
     elif split < n_used:
         row = b * tl.num_programs(1) + kvh  # partial rows of (b, kvh): [S, GROUP] from rows0
         _finish_split(o, lse, out_ptrs, out_mask, part_o_ptr, part_lse_ptr,
@@ -246,13 +275,14 @@ def _arrival_counters(device: torch.device, n: int) -> Tensor:
 def decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, block_tables: Tensor,
     scale: float, *, num_splits: int | None = None, out: Tensor | None = None, min_split: int | None = None,
-    merge_fan: int | None = None, block_n: int | None = None,
+    merge_fan: int | None = None, block_n: int | None = None, separate: bool = False,
 ) -> Tensor:
     """Flash-decoding over the paged cache in one launch: q `[B, H, D]` -> `[B, H, D]`.
 
     `num_splits` overrides the heuristic (tests); `out` is an optional preallocated result. Benchmarks'
     knobs: `min_split` (keys, a multiple of the tile) the fewest keys a split takes, `merge_fan` the
-    partials one program merges, `block_n` the keys per tile.
+    partials one program merges, `block_n` the keys per tile, `separate` a second launch that merges the
+    splits (the design before the one-launch merge) instead of the last-arriving programs.
     """
     fan = merge_fan or _MERGE_FAN
     tile = block_n or _DECODE_BLOCK_N[q.element_size()]
@@ -272,8 +302,9 @@ def decode_attention(
     block_d = triton.next_power_of_2(head_dim)
     direct = num_splits == 1
     cnt_stride = 1 + triton.cdiv(num_splits, fan)  # per (b, kv head): [top, chunk 0, ...]
-    # NOTE: the direct path touches no counter; seq_lens (int32) stands in for the pointer.
-    counters = seq_lens if direct else _arrival_counters(q.device, batch * kv_heads * cnt_stride)
+    # NOTE: the direct and separate paths touch no counter; seq_lens (int32) stands in for the pointer.
+    counters = seq_lens if direct or separate else _arrival_counters(q.device, batch * kv_heads * cnt_stride)
+    min_keys = tile if min_split is None else max(tile, min_split)
     rows = (batch, kv_heads, num_splits, group)  # partials: out [*rows, BLOCK_D], lse [*rows]
     part_o = q.new_empty((1,) if direct else (*rows, block_d), dtype=torch.float32)
     part_lse = q.new_empty((1,) if direct else rows, dtype=torch.float32)
@@ -283,9 +314,16 @@ def decode_attention(
         *v_cache.stride()[:3], block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, PAGE=page, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=tile, FAN=fan, DIRECT=direct,
-        IEEE=q.dtype == torch.float32, MIN_SPLIT=tile if min_split is None else max(tile, min_split),
+        IEEE=q.dtype == torch.float32, MIN_SPLIT=min_keys, SEPARATE=separate,
         num_warps=_decode_warps(q.element_size()), num_stages=2,
     )
+    if separate and not direct:
+        block_s = triton.next_power_of_2(num_splits)
+        _decode_reduce_kernel[(batch, kv_heads, group)](
+            part_o, part_lse, seq_lens, out, num_splits, out.stride(0), out.stride(1), GROUP=group,
+            HEAD_DIM=head_dim, BLOCK_N=tile, MIN_SPLIT=min_keys, BLOCK_S=block_s, BLOCK_D=block_d,
+            num_warps=max(1, min(8, block_s * block_d // 1024)),
+        )
     return out
 
 

@@ -77,12 +77,16 @@ def variants(quick: bool = False) -> list[dict]:
             "seq_lens_ptr": "*i32", "bt_ptr": "*i32", "cu_q_ptr": "*i32"}
     dtypes = (("bf16", 2),) if quick else (("bf16", 2), ("fp16", 2), ("fp32", 4))
     for dtype, esize in dtypes:
+        consts = dict(GROUP=16, HEAD_DIM=128, BLOCK_N=ta._DECODE_BLOCK_N[esize], MIN_SPLIT=ta._DECODE_BLOCK_N[esize],
+                      BLOCK_S=64, BLOCK_D=128)
+        rows.append(build(f"decode_reduce-{dtype}", ta._decode_reduce_kernel, dtype, consts, 8, 1, part))
         for page in (16, 128) if quick else (16, 32, 64, 128):
-            for direct in (False, True):
+            tile = ta._DECODE_BLOCK_N[esize]
+            for direct, separate in ((False, False), (True, False), (False, True)):
                 consts = dict(GROUP=16, HEAD_DIM=128, PAGE=page, BLOCK_G=16, BLOCK_D=128,
-                              BLOCK_N=ta._DECODE_BLOCK_N[esize], FAN=ta._MERGE_FAN,
-                              DIRECT=direct, IEEE=dtype == "fp32")
-                rows.append(build(f"decode-{dtype}-p{page}-direct{int(direct)}",
+                              BLOCK_N=tile, FAN=ta._MERGE_FAN, DIRECT=direct, IEEE=dtype == "fp32",
+                              MIN_SPLIT=tile, SEPARATE=separate)
+                rows.append(build(f"decode-{dtype}-p{page}-direct{int(direct)}-separate{int(separate)}",
                                   ta._decode_split_kernel, dtype, consts,
                                   ta._decode_warps(esize), 2, part))
             block_m, block_n, warps, stages = ta._prefill_config(128, 16, esize)

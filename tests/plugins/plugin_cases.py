@@ -226,6 +226,8 @@ def small_cases() -> list[tuple[str, str, dict]]:
         ([700, 1, 0, 65, 257], 32, 2, 16, 16, 20, {"min_split": 128}),
         ([1100, 300, 9], 4, 2, 16, 64, 64, {"merge_fan": 16}),
         ([260, 45], 32, 2, 128, 16, None, {"block_n": 16, "min_split": 48}),
+        ([700, 1, 0, 65, 257], 32, 2, 16, 16, 20, {"separate": True}),  # a second launch merges
+        ([2000, 3, 0], 32, 2, 128, 64, 64, {"separate": True, "min_split": 256}),
     ]
     for i, (lens, h, kvh, d, bs, ns, knobs) in enumerate(knob_cases):
         cases.append((f"decode_knobs-{i}", "decode", dict(seq_lens=lens, heads=h, kv_heads=kvh, head_dim=d,
