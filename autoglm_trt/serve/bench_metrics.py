@@ -31,23 +31,22 @@ def parse_totals(text: str) -> Totals:
     """`name_sum` and `name_count` samples of a Prometheus text page, summed over label sets; histograms
     without both are left out."""
     wanted = {name for names in HISTOGRAMS.values() for name in names}
-    found: dict[str, list[float]] = {}  # name -> [sum, count, seen flags]
+    parts: dict[str, dict[str, float]] = {"_sum": {}, "_count": {}}  # suffix -> histogram name -> total
     for line in text.splitlines():
         m = _SAMPLE.match(line)
         if m is None:
             continue
         metric, value = m.group(1), m.group(2)
-        for i, suffix in enumerate(("_sum", "_count")):
-            base = metric[: -len(suffix)]
-            if metric.endswith(suffix) and base in wanted:
-                try:
-                    v = float(value)
-                except ValueError:
-                    continue
-                entry = found.setdefault(base, [0.0, 0.0, 0])
-                entry[i] += v
-                entry[2] |= 1 << i
-    return {name: (e[0], e[1]) for name, e in found.items() if e[2] == 3}
+        suffix = next((sfx for sfx in parts if metric.endswith(sfx)), None)
+        name = metric[: -len(suffix)] if suffix else None
+        if name not in wanted:
+            continue
+        try:
+            parts[suffix][name] = parts[suffix].get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    sums, counts = parts["_sum"], parts["_count"]
+    return {name: (sums[name], counts[name]) for name in sums.keys() & counts.keys()}
 
 
 async def scrape(client: httpx.AsyncClient, base_url: str, headers: dict) -> tuple[Totals | None, str | None]:
