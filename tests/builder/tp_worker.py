@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -23,7 +24,10 @@ def main(engine_dir: str, rank: int, world: int, port: int, out: str) -> None:
         logits = model.compute_logits(model(model.embed(ids), torch.arange(9).expand(3, -1)))  # [9, V]
     if rank == 0:
         torch.save(logits, out)
-    dist.destroy_process_group()
+    dist.barrier()
+    # NOTE: like the engine's own workers, leave with os._exit: tearing gloo down while the peer that hosts
+    #  the TCP store is exiting aborted this process now and then (`terminate called without an active exception`)
+    os._exit(0)
 
 
 if __name__ == "__main__":
