@@ -85,6 +85,10 @@ def build_cmd(
     vision_onnx: bool = typer.Option(False, "--vision-onnx", help="also export visual/model.onnx"),
     source_hash: str = typer.Option("fast", help="fast (config, index, safetensors headers) | full (all bytes)"),
     opset: int = typer.Option(17, help="ONNX opset of exported graphs"),
+    report: bool = typer.Option(False, "--report", help="then compare the quantized engine with the checkpoint "
+                                "(top-1 agreement, KL, perplexity; loads both models: needs memory for two)"),
+    report_device: str = typer.Option("auto", help="where --report runs the two models: auto | cpu | cuda"),
+    report_samples: Optional[int] = typer.Option(None, min=1, help="--report: prompts per set (default: all)"),
 ) -> None:
     """Build an engine directory: manifest, pre-sharded (and pre-quantized) rank{N}.safetensors, tokenizer."""
     from autoglm_trt.builder.build import build_engine
@@ -101,7 +105,30 @@ def build_cmd(
         raise UserError(str(exc)) from None
     if calib is not None and not calib.is_dir():
         raise UserError(f"--calib {calib} is not a directory (make one with `autoglm-trt calibrate`)")
+    if report:
+        _check_report(cfg, report_device)
     result = build_engine(model_dir, out, cfg)
     size = sum(f.bytes for f in result.manifest.files.values()) / 2 ** 20
     typer.echo(f"built {out} ({cfg.dtype}, quant {cfg.quant}, tp {cfg.tp}, {size:.0f} MiB) in "
                f"{result.seconds:.1f} s")
+    if report:
+        from autoglm_trt.calibration.command import print_report
+        from autoglm_trt.calibration.report import engine_accuracy_report
+
+        print_report({cfg.quant: engine_accuracy_report(model_dir, out, device=report_device, samples=report_samples)})
+
+
+def _check_report(cfg, device: str) -> None:
+    """--report's preconditions, checked before the build so a mistake costs nothing."""
+    if cfg.quant == "none":
+        raise UserError("--report compares a quantized engine with its checkpoint: add --quant int8-wo, w8a8 or fp8")
+    if cfg.tp != 1:
+        raise UserError(f"--report loads the engine on one device: build with --tp 1 to measure accuracy (the --tp "
+                        f"{cfg.tp} shards hold the same quantized weights)")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--report-device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--report-device cuda: this machine has no CUDA GPU (use cpu or auto)")

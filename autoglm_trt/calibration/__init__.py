@@ -3,7 +3,8 @@
     calibrate(model_dir, out_dir, dataset=None, opts=CalibrateOptions(method="entropy"))  # writes CALIB_DIR
     load_calibration(calib_dir) -> CalibrationResult      # replay: layers.quant.quantize_model(model, mode, result)
     insert_qdq(onnx_in, onnx_out, result, smooth=True)    # explicit Q/DQ graph for TensorRT
-    accuracy_report(model_dir, calib_dir, mode) -> dict
+    accuracy_report(model_dir, calib_dir, mode) -> dict   # INT8 in memory vs float
+    engine_accuracy_report(model_dir, engine_dir) -> dict  # a built engine vs its checkpoint (build --report)
 Names of linears and ONNX tensors: names.py. The heavy parts (model loading, onnx) import on first use.
 """
 
@@ -24,6 +25,7 @@ from autoglm_trt.calibration.names import (
 )
 
 _LAZY = {"calibrate": "runner", "CalibrateOptions": "runner", "accuracy_report": "report",
+         "engine_accuracy_report": "report",
          "insert_qdq": "onnx_qdq", "canonicalize_linear_inputs": "onnx_qdq", "check_qdq": "onnx_qdq"}
 
 
@@ -34,5 +36,6 @@ def __getattr__(name: str):
 
 
 __all__ = ["CalibrateOptions", "CalibrationResult", "accuracy_report", "calibrate", "canonicalize_linear_inputs",
+           "engine_accuracy_report",
            "check_qdq", "insert_qdq", "load_calibration", "onnx_input_name", "onnx_smoothed_input_name",
            "onnx_weight_name", "read_trt_cache", "save_calibration"]

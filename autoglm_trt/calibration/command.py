@@ -41,17 +41,21 @@ def run_calibrate(model_dir: Path, out: Path, *, dataset: Path | None, method: s
         print_report(reports)
 
 
+_SET_NAMES = {"calibration_set": "calib", "heldout_set": "held-out", "perplexity": "text"}
+
+
 def print_report(reports: dict[str, dict]) -> None:
+    """One row per mode and set; compact, so the table fits 80 columns (a pipe or a log file)."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="INT8 vs float")
-    for col in ("mode", "set", "positions", "top-1 agreement", "mean KL", "ppl float", "ppl quantized"):
+    table = Table(title="quantized vs float", box=box.SIMPLE_HEAD)
+    for col in ("mode", "set", "positions", "top-1", "mean KL", "ppl float", "ppl quant"):
         table.add_column(col)
     for mode, r in reports.items():
-        for name in ("calibration_set", "heldout_set", "perplexity"):
+        for name, short in _SET_NAMES.items():
             row = r[name]
-            ppl = (str(row["reference"]), str(row["quantized"])) if name == "perplexity" else ("", "")
-            table.add_row(mode, name.replace("_set", ""), str(row["positions"]), f"{row['top1_agreement']:.4f}",
-                          f"{row['mean_kl']:.3g}", *ppl)
+            ppl = (f"{row['reference']:.4g}", f"{row['quantized']:.4g}") if name == "perplexity" else ("", "")
+            table.add_row(mode, short, str(row["positions"]), f"{row['top1_agreement']:.4f}", f"{row['mean_kl']:.3g}",
+                          *ppl)
     console.print(table)
-

@@ -52,3 +52,27 @@ def test_export_command(tiny_model_dir, tmp_path):
     meta = json.loads((out / "export.json").read_text())
     assert meta["opset"] == 18 and set(meta["graphs"]) == {"llm"}
     assert all(p["ok"] for p in meta["parity"])
+
+
+def test_build_report_prints_the_engine_against_its_checkpoint(tiny_model_dir, tmp_path):
+    out = tmp_path / "int8"
+    r = _cli("build", str(tiny_model_dir), "-o", str(out), "--dtype", "fp32", "--quant", "int8-wo", "--report",
+             "--report-device", "cpu", "--report-samples", "1", timeout=300)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout + r.stderr  # NOTE: the table goes to the console (stderr), like calibrate --report's
+    assert "quantized vs float" in text and "…" not in text, text  # nothing cut at 80 columns
+    rows = [line.split() for line in text.splitlines() if line.strip().startswith("int8-wo")]
+    assert [row[1] for row in rows] == ["calib", "held-out", "text"], text
+    for row in rows:  # mode, set, positions, top-1, mean KL[, ppl float, ppl quant]
+        assert int(row[2]) > 10 and 0.5 < float(row[3]) <= 1.0 and 0 < float(row[4]) < 0.01, row
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--report",), "--report compares a quantized engine"),
+    (("--report", "--quant", "int8-wo", "--tp", "2"), "build with --tp 1"),
+    (("--report", "--quant", "int8-wo", "--report-device", "tpu"), "--report-device must be"),
+])
+def test_build_report_refusals_before_building(tiny_model_dir, tmp_path, args, message):
+    r = _cli("build", str(tiny_model_dir), "-o", str(tmp_path / "e"), *args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert not (tmp_path / "e").exists()

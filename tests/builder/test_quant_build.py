@@ -80,3 +80,17 @@ def test_smoothquant_tp1_matches_in_memory_logits(build_engine_dir, tiny_model_d
     quant.quantize_model(ref, "w8a8", act_scales=load_calibration(calib_dir), smooth_alpha=0.5)
     engine = load_model(result.engine_dir, dtype="float32", show_progress=False)
     assert torch.equal(_logits(engine), _logits(ref))
+
+
+def test_engine_report_equals_in_memory_report(build_engine_dir, tiny_model_dir, calib_dir):
+    """`build --report` measures the built engine: the same figures as quantizing the checkpoint in memory."""
+    from autoglm_trt.calibration.report import accuracy_report, engine_accuracy_report
+
+    result = build_engine_dir("w8a8-report", quant="w8a8", calib_dir=str(calib_dir))
+    kw = dict(device="cpu", samples=1, max_ppl_tokens=64)
+    got = engine_accuracy_report(tiny_model_dir, result.engine_dir, **kw)
+    want = accuracy_report(tiny_model_dir, calib_dir, "w8a8", **kw)
+    assert got["mode"] == "w8a8" and got["act_quant"] == "dynamic" and got["reference_dtype"] == "float32"
+    for name in ("calibration_set", "heldout_set", "perplexity"):
+        assert got[name] == want[name], name
+        assert got[name]["positions"] > 10 and got[name]["mean_kl"] > 0  # quantization moved the function
