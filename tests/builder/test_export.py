@@ -12,7 +12,15 @@ from safetensors.torch import load_file
 
 from autoglm_trt.builder.manifest import sha256_file
 from autoglm_trt.builder.onnx_io import consolidate
-from autoglm_trt.builder.verify import ort_session
+
+
+def ort_session(path):
+    """A plain onnxruntime session (the export's own checks run through Polygraphy; these do not)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def test_parity_all_graphs_within_1e3(tiny_export):
@@ -133,3 +141,14 @@ def test_export_refuses_a_non_empty_directory(tiny_model_dir, tmp_path):
     (tmp_path / "junk").write_text("x")
     with pytest.raises(UserError, match="not empty"):
         export_onnx(tiny_model_dir, tmp_path, show_progress=False)
+
+
+def test_polygraphy_comparison_reports_each_outputs_max_abs_diff():
+    """The export's parity numbers come from Polygraphy's comparator: a planted error shows, per output name."""
+    from autoglm_trt.builder.verify import max_abs_diffs
+
+    a, b = np.zeros((2, 3), np.float32), np.ones(4, np.float32)
+    bad = torch.zeros(2, 3)
+    bad[1, 2] = 0.25
+    diffs = max_abs_diffs({"logits": a, "present.0.key": b}, {"logits": bad, "present.0.key": torch.ones(4)}, 1e-3)
+    assert diffs == {"logits": 0.25, "present.0.key": 0.0}
