@@ -23,7 +23,8 @@ from autoglm_trt.errors import UserError
 from autoglm_trt.utils.logging import log
 
 
-def check_tp_size(cfg: ModelConfig, tp: int, device: torch.device) -> None:
+def check_tp_size(cfg: ModelConfig, tp: int, device: torch.device, model_dir: str | None = None) -> None:
+    """Refuse a TP size the model's shapes or this machine's GPUs cannot take (naming the rebuild for an engine)."""
     t = cfg.text
     for name in ("num_attention_heads", "intermediate_size"):
         if getattr(t, name) % tp:
@@ -32,7 +33,20 @@ def check_tp_size(cfg: ModelConfig, tp: int, device: torch.device) -> None:
         raise UserError(f"tensor_parallel_size {tp} and num_key_value_heads {t.num_key_value_heads}: one must "
                         "divide the other")
     if device.type == "cuda" and torch.cuda.device_count() < tp:
-        raise UserError(f"tensor_parallel_size {tp} needs {tp} GPUs; {torch.cuda.device_count()} visible")
+        raise UserError(f"tensor_parallel_size {tp} needs {tp} GPUs; {torch.cuda.device_count()} visible"
+                        + _rebuild_hint(model_dir, tp, torch.cuda.device_count()))
+
+
+def _rebuild_hint(model_dir: str | None, tp: int, gpus: int) -> str:
+    """For an engine directory built for `tp` ranks: what to rebuild it with on this machine ('' otherwise)."""
+    from autoglm_trt.builder.manifest import is_engine_dir, read_manifest
+
+    if model_dir is None or not is_engine_dir(model_dir):
+        return ""
+    command = read_manifest(model_dir).command or f"autoglm-trt build MODEL_DIR -o {model_dir} --tp {tp}"
+    fixed = command.replace(f"--tp {tp}", f"--tp {max(gpus, 1)}")
+    return (f": {model_dir} holds one pre-sharded rank file per GPU for --tp {tp}; rebuild it for this machine "
+            f"with `{fixed}` (to a new directory)")
 
 
 class TPExecutor:
@@ -48,7 +62,7 @@ class TPExecutor:
         self.timeout_s = startup_timeout_s()
         self._stopped = False
         self.groups: TPGroups | None = None  # set once this rank joined; None again after shutdown
-        check_tp_size(model_cfg, self.world, device)
+        check_tp_size(model_cfg, self.world, device, config.model_dir)
         self._threads = torch.get_num_threads()
         if device.type == "cpu":  # NOTE: the ranks share the cores; oversubscribed threads crawl
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))

@@ -167,6 +167,19 @@ def test_wrong_tp_refused(tiny_engine, tiny_engine_tp2):
         load_model(tiny_engine.engine_dir, rank=0, tp_size=2, show_progress=False)
 
 
+def test_tp_engine_on_too_few_gpus_names_the_rebuild(tiny_engine_tp2, tiny_model_dir, monkeypatch):
+    """A --tp 2 engine on a one-GPU machine: refused before any worker starts, with the build line for --tp 1."""
+    from autoglm_trt.engine.executor import check_tp_size
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg, cuda = ModelConfig.from_dir(tiny_engine_tp2.engine_dir), torch.device("cuda")
+    with pytest.raises(UserError, match=r"needs 2 GPUs; 1 visible: .* rebuild it for this machine with "
+                                        r"`autoglm-trt build .*--tp 1"):
+        check_tp_size(cfg, 2, cuda, str(tiny_engine_tp2.engine_dir))
+    with pytest.raises(UserError, match=r"needs 2 GPUs; 1 visible$"):  # a checkpoint shards at load: no rebuild
+        check_tp_size(cfg, 2, cuda, str(tiny_model_dir))
+
+
 def test_build_refuses_bad_inputs(tiny_model_dir, tmp_path, tiny_engine):
     from autoglm_trt.builder.build import build_engine
     from autoglm_trt.builder.options import BuildConfig
