@@ -20,6 +20,8 @@ def run_calibrate(model_dir: Path, out: Path, *, dataset: Path | None, method: s
         raise UserError(f"{model_dir} is not a model directory (no config.json)")
     if onnx is not None and not onnx.is_file():
         raise UserError(f"--onnx {onnx} does not exist")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out} is a file: name a directory for the calibration")
     if report_mode not in REPORT_MODES:
         raise UserError(f"--report-mode must be one of {', '.join(REPORT_MODES)}, got {report_mode!r}")
     try:

@@ -96,10 +96,10 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, *, dataset: str | Path
     """Calibrate `model_dir` on `dataset` (default: the shipped phone-agent set) and write `out_dir`."""
     from autoglm_trt.models.loader import load_model
 
+    samples = load_samples(dataset, opts.samples)  # NOTE: a bad dataset fails here, not after minutes of loading
+    processor = InputProcessor.from_dir(model_dir)
     dev = resolve_device(device)
     model = load_model(model_dir, dtype=dtype, device=dev, show_progress=show_progress)
-    processor = InputProcessor.from_dir(model_dir)
-    samples = load_samples(dataset, opts.samples)
     if show_progress:
         log(f"calibrating on {len(samples)} samples ({dataset or 'the shipped set'}), method {opts.method}")
     result = collect(model, processor, samples, opts, dev)

@@ -105,3 +105,15 @@ def test_cli_bad_input_is_one_line(tiny_model_dir, tmp_path) -> None:
     assert proc.returncode == 2 and "method must be one of" in proc.stderr and "Traceback" not in proc.stderr
     proc = _cli(str(tmp_path), "-o", str(tmp_path / "c"))
     assert proc.returncode == 2 and "not a model directory" in proc.stderr
+    (tmp_path / "file").write_text("x")
+    proc = _cli(str(tiny_model_dir), "-o", str(tmp_path / "file"))
+    assert proc.returncode == 2 and "is a file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_bad_dataset_refused_before_the_model_loads(tiny_model_dir, tmp_path) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"messages": [\n')
+    for dataset, message in ((tmp_path / "missing.jsonl", "does not exist"), (tmp_path / "bad.jsonl", "not JSON")):
+        proc = _cli(str(tiny_model_dir), "-o", str(tmp_path / "c"), "--dataset", str(dataset), "--device", "cpu")
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "Loading weights" not in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "c").exists()
