@@ -41,7 +41,8 @@ class ParityResult:
 
 
 class OrtGraph:
-    """An exported graph in Polygraphy's onnxruntime runner (CUDA when onnxruntime has it, else CPU)."""
+    """An exported graph in Polygraphy's onnxruntime runner (CUDA when onnxruntime has it, else CPU). A context
+    manager: the session is built once on entry (for the 9B, that reads the external data) and serves every run."""
 
     def __init__(self, path: Path) -> None:
         import onnxruntime as ort
@@ -53,9 +54,15 @@ class OrtGraph:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         self.runner = OnnxrtRunner(SessionFromOnnx(str(path), providers=providers))  # NOTE: a path: external data
 
+    def __enter__(self) -> OrtGraph:
+        self.runner.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.runner.deactivate()
+
     def run(self, names: list[str], feeds: list[torch.Tensor]) -> dict[str, np.ndarray]:
-        with self.runner:
-            return dict(self.runner.infer(dict(zip(names, map(_np, feeds)))))
+        return dict(self.runner.infer(dict(zip(names, map(_np, feeds)))))
 
 
 def max_abs_diffs(ort_out: dict[str, np.ndarray], torch_out: dict[str, torch.Tensor], atol: float) -> dict[str, float]:
@@ -108,11 +115,15 @@ def _model_logits(model: Glm4vForConditionalGeneration, ids: torch.Tensor, pos: 
 
 @torch.no_grad()
 def verify_decoder(model: Glm4vForConditionalGeneration, path: Path, atol: float) -> list[ParityResult]:
+    with OrtGraph(path) as ort:  # one session for the prefill and the decode step
+        return _decoder_checks(model, ort, atol)
+
+
+def _decoder_checks(model: Glm4vForConditionalGeneration, ort: OrtGraph, atol: float) -> list[ParityResult]:
     graph = DecoderGraph(model).eval()
     t = model.cfg.text
     dtype = graph.lm_head.weight.dtype
     names_in, names_out = decoder_io_names(t.num_hidden_layers)
-    ort = OrtGraph(path)
     b, s, pad = 2, 5, 2
     ids, pos, mask = _decoder_case(model, b, s, pad)
     embeds = model.embed(ids.flatten()).view(b, s, -1).to(dtype)
@@ -161,7 +172,8 @@ def verify_vision(visual: Glm4vVisionModel, path: Path, atol: float,
     pixels = torch.randn(n, width, generator=torch.Generator().manual_seed(2)).to(visual.dtype)
     idx = vision_graph_inputs(list(grid_thw), c.spatial_merge_size)
     feeds = [pixels, *(idx[k] for k in VISION_INPUTS[1:])]
-    ort_out = OrtGraph(path).run(VISION_INPUTS, feeds)  # {"image_embeds": [N / 4, H]}
+    with OrtGraph(path) as ort:
+        ort_out = ort.run(VISION_INPUTS, feeds)  # {"image_embeds": [N / 4, H]}
     (name, out), = ort_out.items()
     wrapper = VisionGraph(visual).eval()(*feeds)
     ref = visual(pixels, list(grid_thw))
