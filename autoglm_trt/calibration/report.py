@@ -85,10 +85,16 @@ def _perplexity(ref_model, q_model, processor, text: str, device, max_tokens: in
             "relative_change": round(ppl_q / ppl_ref - 1.0, 6), **tot.metrics()}
 
 
-def _sets(ref, q, model_dir, dev, calib_set, max_pixels, samples, max_ppl_tokens) -> dict:
-    """The three comparisons every report holds: calibration prompts, held-out prompts, perplexity text."""
+def _report(ref, q, model_dir, dev, header: dict, calib, samples, max_pixels, max_ppl_tokens) -> dict:
+    """header + the three comparisons every report holds: calibration prompts (calib's set and image size, or the
+    shipped set when calib is None), held-out prompts, perplexity text."""
+    info = calib.info if calib is not None else {}
+    max_pixels = max_pixels if max_pixels is not None else info.get("max_pixels")
+    calib_set = load_samples(info.get("dataset"), samples or (calib.num_samples if calib is not None else None) or None)
     processor = InputProcessor.from_dir(model_dir)
-    return {"calibration_set": _run_set(ref, q, processor, calib_set, dev, max_pixels),
+    return {**header, "device": str(dev), "reference_dtype": _dtype_name(ref),
+            "calibration_method": calib.method if calib is not None else None,
+            "calibration_set": _run_set(ref, q, processor, calib_set, dev, max_pixels),
             "heldout_set": _run_set(ref, q, processor, load_samples(HELDOUT_DATASET, samples), dev, max_pixels),
             "perplexity": _perplexity(ref, q, processor, HELDOUT_TEXT.read_text(encoding="utf-8"), dev,
                                       max_ppl_tokens)}
@@ -111,19 +117,16 @@ def accuracy_report(model_dir: str | Path, calib_dir: str | Path, mode: str, *, 
     ref = load_model(model_dir, dtype=dtype, device=dev, show_progress=show_progress)
     q = load_model(model_dir, dtype=dtype, device=dev, show_progress=show_progress)
     quantize_model(q, mode, calib if mode == "w8a8" else None, calib.smooth_alpha, act_quant=act_quant)
-    max_pixels = max_pixels if max_pixels is not None else calib.info.get("max_pixels")
-    calib_set = load_samples(calib.info.get("dataset"), samples or calib.num_samples or None)
-    return {"mode": mode, "act_quant": act_quant if mode == "w8a8" else None, "device": str(dev),
-            "reference_dtype": _dtype_name(ref), "calibration_method": calib.method,
-            **_sets(ref, q, model_dir, dev, calib_set, max_pixels, samples, max_ppl_tokens)}
+    header = {"mode": mode, "act_quant": act_quant if mode == "w8a8" else None}
+    return _report(ref, q, model_dir, dev, header, calib, samples, max_pixels, max_ppl_tokens)
 
 
 def engine_accuracy_report(model_dir: str | Path, engine_dir: str | Path, *, device: str = "auto",
                            samples: int | None = None, max_pixels: int | None = None, max_ppl_tokens: int = 2048,
                            show_progress: bool = False) -> dict:
     """A built tp-1 engine (its pre-quantized rank0.safetensors, as `serve` loads it) vs the checkpoint it was
-    built from, read in the float dtype the engine loads in, so that only quantization differs. The calibration prompts are the
-    engine's calibration/ set when it has one, else the shipped set."""
+    built from, read in the float dtype the engine loads in, so that only quantization differs. The calibration
+    prompts are the engine's calibration/ set when it has one, else the shipped set."""
     from autoglm_trt.builder.manifest import read_manifest
     from autoglm_trt.models.loader import load_model
 
@@ -133,10 +136,5 @@ def engine_accuracy_report(model_dir: str | Path, engine_dir: str | Path, *, dev
     ref = load_model(model_dir, dtype=_dtype_name(q), device=dev, show_progress=show_progress)
     calib_dir = Path(engine_dir) / "calibration"
     calib = load_calibration(calib_dir) if calib_dir.is_dir() else None
-    info = calib.info if calib is not None else {}
-    max_pixels = max_pixels if max_pixels is not None else info.get("max_pixels")
-    calib_set = load_samples(info.get("dataset"), samples or (calib.num_samples if calib is not None else None))
-    quant = manifest.quantization
-    return {"mode": quant["mode"], "act_quant": quant.get("act_quant"), "device": str(dev),
-            "reference_dtype": _dtype_name(ref), "calibration_method": calib.method if calib is not None else None,
-            **_sets(ref, q, model_dir, dev, calib_set, max_pixels, samples, max_ppl_tokens)}
+    header = {"mode": manifest.quantization["mode"], "act_quant": manifest.quantization.get("act_quant")}
+    return _report(ref, q, model_dir, dev, header, calib, samples, max_pixels, max_ppl_tokens)
