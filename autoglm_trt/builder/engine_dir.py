@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import struct
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from autoglm_trt.builder.manifest import EngineManifest, check_tp, checksums_enabled, read_manifest, verify_files
+from autoglm_trt.builder.manifest import (EngineManifest, check_tp, checksums_enabled, read_manifest, rebuild_hint,
+                                          verify_files)
 from autoglm_trt.builder.safetensors_io import iter_tensors
 from autoglm_trt.builder.shard import build_model, parallel_state
 from autoglm_trt.config import ModelConfig
@@ -102,7 +104,7 @@ def load_engine_model(engine_dir: str | Path, dtype: str = "auto", device: str |
             prepare_quantized_model(model, quant, act_quant=act_quant,
                                     lm_head=manifest.quantization.get("lm_head") == "int8")
     path = engine_dir / name
-    rebuild = f"rebuild it: `{manifest.command or 'autoglm-trt build MODEL_DIR -o ' + str(engine_dir)}`"
+    rebuild = rebuild_hint(engine_dir, asdict(manifest))
     sha = manifest.files[name].sha256 if checksums and name in manifest.files else None
     with byte_progress("Loading engine weights", path.stat().st_size, enabled=show_progress) as advance:
         copy_state(model, path, with_vision, rebuild, sha, advance)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,9 +123,16 @@ def require_checkpoint_dir(model_dir: str | Path) -> None:
                         f"it was built from ({source})")
 
 
-def _rebuild_hint(engine_dir: Path, m: dict) -> str:
+def rebuild_command(engine_dir: str | Path, m: dict, tp: int | None = None) -> str:
+    """The build line that makes this engine again (its manifest's own), with --tp set to `tp` when given."""
     cmd = m.get("command") or f"autoglm-trt build MODEL_DIR -o {engine_dir}"
-    return f"rebuild it: `{cmd}`"
+    if tp is None:
+        return cmd
+    return re.sub(r"--tp \d+", f"--tp {tp}", cmd) if "--tp " in cmd else f"{cmd} --tp {tp}"
+
+
+def rebuild_hint(engine_dir: str | Path, m: dict) -> str:
+    return f"rebuild it: `{rebuild_command(engine_dir, m)}`"
 
 
 def read_manifest(engine_dir: str | Path) -> EngineManifest:
@@ -140,12 +148,12 @@ def read_manifest(engine_dir: str | Path) -> EngineManifest:
 
         raise UserError(f"{engine_dir} has engine format version {version!r}; autoglm-trt {__version__} reads "
                         f"version(s) {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}: "
-                        f"{_rebuild_hint(engine_dir, raw if isinstance(raw, dict) else {})}")
+                        f"{rebuild_hint(engine_dir, raw if isinstance(raw, dict) else {})}")
     try:
         return EngineManifest.from_dict(raw)
     except (TypeError, KeyError) as exc:
         raise UserError(f"{engine_dir}/config.json has a damaged manifest ({exc}): "
-                        f"{_rebuild_hint(engine_dir, raw)}") from None
+                        f"{rebuild_hint(engine_dir, raw)}") from None
 
 
 def checksums_enabled() -> bool:
@@ -165,12 +173,12 @@ def verify_files(engine_dir: str | Path, manifest: EngineManifest, names: list[s
         entry, path = manifest.files.get(name), engine_dir / name
         if entry is None:
             raise UserError(f"{engine_dir}: {name} is not listed in the manifest: "
-                            f"{_rebuild_hint(engine_dir, asdict(manifest))}")
+                            f"{rebuild_hint(engine_dir, asdict(manifest))}")
         if not path.is_file():
-            raise UserError(f"{path} is missing: {_rebuild_hint(engine_dir, asdict(manifest))}")
+            raise UserError(f"{path} is missing: {rebuild_hint(engine_dir, asdict(manifest))}")
         if path.stat().st_size != entry.bytes or (checksums and sha256_file(path) != entry.sha256):
             raise UserError(f"{path} does not match its sha256 in the manifest (modified or truncated): "
-                            f"{_rebuild_hint(engine_dir, asdict(manifest))}")
+                            f"{rebuild_hint(engine_dir, asdict(manifest))}")
 
 
 def check_tp(engine_dir: str | Path, manifest: EngineManifest, tp_size: int) -> None:
@@ -186,7 +194,7 @@ def check_gpu(engine_dir: str | Path, manifest: EngineManifest, name: str, compu
     if built and built.get("compute_capability") != compute_capability:
         raise UserError(f"{engine_dir} holds TensorRT engines built for {built.get('name')} (sm "
                         f"{built.get('compute_capability')}); this GPU is {name} (sm {compute_capability}): "
-                        f"{_rebuild_hint(Path(engine_dir), asdict(manifest))} on this machine")
+                        f"{rebuild_hint(Path(engine_dir), asdict(manifest))} on this machine")
 
 
 def write_config(engine_dir: Path, hf_config: dict, manifest: EngineManifest) -> None:

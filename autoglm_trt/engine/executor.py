@@ -39,12 +39,13 @@ def check_tp_size(cfg: ModelConfig, tp: int, device: torch.device, model_dir: st
 
 def _rebuild_hint(model_dir: str | None, tp: int, gpus: int) -> str:
     """For an engine directory built for `tp` ranks: what to rebuild it with on this machine ('' otherwise)."""
-    from autoglm_trt.builder.manifest import is_engine_dir, read_manifest
+    from dataclasses import asdict
+
+    from autoglm_trt.builder.manifest import is_engine_dir, read_manifest, rebuild_command
 
     if model_dir is None or not is_engine_dir(model_dir):
         return ""
-    command = read_manifest(model_dir).command or f"autoglm-trt build MODEL_DIR -o {model_dir} --tp {tp}"
-    fixed = command.replace(f"--tp {tp}", f"--tp {max(gpus, 1)}")
+    fixed = rebuild_command(model_dir, asdict(read_manifest(model_dir)), tp=max(gpus, 1))
     return (f": {model_dir} holds one pre-sharded rank file per GPU for --tp {tp}; rebuild it for this machine "
             f"with `{fixed}` (to a new directory)")
 
