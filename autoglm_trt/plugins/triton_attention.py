@@ -116,15 +116,14 @@ def _decode_split_kernel(
     elif n_used <= 1:  # all keys (or none: seq_len 0 -> zeros) in split 0: nothing to merge
         if split == 0:
             tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
-    elif SEPARATE:
-        if split < n_used:
-            rows = (b * tl.num_programs(1) + kvh) * num_splits * GROUP + split * GROUP + offs_g
-            _store_partial(part_o_ptr, part_lse_ptr, rows, o, lse, g_mask, offs_d, BLOCK_D)
     elif split < n_used:
         row = b * tl.num_programs(1) + kvh  # partial rows of (b, kvh): [S, GROUP] from rows0
-        _finish_split(o, lse, out_ptrs, out_mask, part_o_ptr, part_lse_ptr,
-                      cnt_ptr + row * cnt_stride, row * num_splits * GROUP + offs_g, split, n_used,
-                      offs_g, offs_d, GROUP=GROUP, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, FAN=FAN)
+        rows0 = row * num_splits * GROUP + offs_g  # [G]
+        if SEPARATE:  # _decode_reduce_kernel merges them
+            _store_partial(part_o_ptr, part_lse_ptr, rows0 + split * GROUP, o, lse, g_mask, offs_d, BLOCK_D)
+        else:
+            _finish_split(o, lse, out_ptrs, out_mask, part_o_ptr, part_lse_ptr, cnt_ptr + row * cnt_stride, rows0,
+                          split, n_used, offs_g, offs_d, GROUP=GROUP, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, FAN=FAN)
 
 
 def _decode_warps(elem_bytes: int) -> int:
