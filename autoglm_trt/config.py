@@ -202,10 +202,13 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 8192  # token budget of one step (chunked prefill splits past it)
     max_model_len: int = 25480  # prompt + generated tokens of one sequence
+    num_decode_steps: int | None = None  # greedy tokens per multi-step window (None: 8 with CUDA graphs, else 1)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             _check_positive(name, getattr(self, name))
+        if self.num_decode_steps is not None and not 1 <= self.num_decode_steps <= 64:
+            raise ValueError(f"num_decode_steps must be in [1, 64], got {self.num_decode_steps}")
 
 
 @dataclass
@@ -231,7 +234,6 @@ class EngineConfig:
     # decode batch buckets captured as CUDA graphs (those <= max_num_seqs); larger batches run eagerly
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384,
                                                448, 512)
-    num_decode_steps: int = 8  # greedy decode tokens per CPU round trip on GPU (1 = every token)
     seed: int = 0
     quant: str = "none"  # none | int8-wo | w8a8 | fp8: quantize the decoder's linears after loading
     calib_dir: str | None = None  # calibration directory (SmoothQuant scales) for w8a8
@@ -251,5 +253,3 @@ class EngineConfig:
             raise ValueError(f"act_quant must be dynamic or static, got {self.act_quant}")
         if self.image_preprocess_device not in ("auto", "cpu"):
             raise ValueError(f"image_preprocess_device must be auto or cpu, got {self.image_preprocess_device}")
-        if not 1 <= self.num_decode_steps <= 64:
-            raise ValueError(f"num_decode_steps must be in [1, 64], got {self.num_decode_steps}")

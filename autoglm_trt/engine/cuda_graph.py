@@ -136,12 +136,6 @@ class DecodeGraphs:
         graph.replay()
         return out[:len(ids)]
 
-    def run_multi(self, ids, positions, slots, seq_lens, tables, steps: int,
-                  penalties: list[tuple[float, float, list[int]]] | None) -> list[list[int]]:
-        """Greedy-decode `steps` tokens for every row with no CPU round trip -> tokens [steps][rows]."""
-        self.launch_multi(ids, positions, slots, seq_lens, tables, steps, penalties)
-        return self.collect(steps, len(ids))
-
     def launch_multi(self, ids, positions, slots, seq_lens, tables, steps: int,
                      penalties: list[tuple[float, float, list[int]]] | None) -> None:
         """Start a window of `steps` greedy tokens (asynchronous on the GPU; read it with `collect`).

@@ -8,24 +8,24 @@ waits for every rank with a deadline, so a worker that dies or hangs is named wi
     loaded  its shard of the weights is in memory (each parameter's weight_loader shards)
     ready   its ModelRunner exists: KV cache of its KV heads (same block count on every rank),
             CUDA graphs captured (collectives included: every rank captures the same sizes)
-A step: rank 0 schedules and builds the StepBatch, sends it as pickled bytes down a pipe to each
-worker (a pipe wakes its reader sooner than a gloo broadcast, and tells it when rank 0 is gone), then
-the step's image embeddings over `device` (the vision tower runs on rank 0 only: the workers load
-no vision weights); every rank runs the same forward on its shard; rank 0 samples from the logits
-that ParallelLMHead all-gathers. A worker exits when rank 0 says stop or when its parent dies.
+A step: rank 0 schedules and builds the ModelStep, sends the call `execute(step)` as pickled bytes down
+a pipe to each worker (a pipe wakes its reader sooner than a gloo broadcast, and tells it when rank 0 is
+gone) and makes the same call itself: every rank's ModelRunner runs the same forward on its shard (rank 0
+sends the step's image embeddings over `device` inside it: the vision tower runs on rank 0 only, the
+workers load no vision weights), a window of greedy steps included; rank 0 samples from the logits that
+ParallelLMHead all-gathers. A worker exits when rank 0 says stop or when its parent dies.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from autoglm_trt.engine.batch import StepBatch
 from autoglm_trt.layers.parallel import set_all_reduce, set_parallel_state
 from autoglm_trt.utils.logging import log
 
@@ -144,12 +144,11 @@ def min_over_tp_ranks(n: int) -> int:
 # ---- step messages ------------------------------------------------------------------------------
 @dataclass
 class StepMessage:
-    """What rank 0 broadcasts before every forward pass; batch None tells the workers to stop."""
+    """A call every rank makes on its ModelRunner, in the same order (rank 0 sends it before making it
+    itself); method None tells the workers to stop."""
 
-    batch: StepBatch | None
-    image_rows: int = 0  # rows of image embeddings that follow over the device group
-    steps: int = 0  # > 0: run_multi (greedy decode of `steps` tokens in the multi-step CUDA graphs)
-    penalties: list | None = None  # run_multi's per-row (frequency, presence, generated ids)
+    method: str | None
+    args: tuple = ()
 
 
 _CHANNEL: list = []  # rank 0: a pipe to each worker (send end); a worker: its pipe from rank 0 (receive end)
@@ -163,8 +162,6 @@ def set_step_channel(conns: list) -> None:
 
 def send_message(msg: StepMessage) -> None:
     """Rank 0: the pickled message down every worker's pipe."""
-    if msg.batch is not None:  # NOTE: a numpy array pickles ~10x faster than a torch tensor
-        msg = replace(msg, batch=replace(msg.batch, positions=msg.batch.positions.numpy()))
     data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
     for conn in _CHANNEL:
         conn.send_bytes(data)
@@ -172,10 +169,7 @@ def send_message(msg: StepMessage) -> None:
 
 def recv_message() -> StepMessage:
     """A worker: the next message (EOFError when rank 0 is gone)."""
-    msg = pickle.loads(_CHANNEL[0].recv_bytes())
-    if msg.batch is not None:
-        msg.batch.positions = torch.from_numpy(msg.batch.positions)
-    return msg
+    return pickle.loads(_CHANNEL[0].recv_bytes())
 
 
 def broadcast_rows(x: torch.Tensor | None, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor | None:

@@ -1,6 +1,7 @@
-"""Rank 0's side of tensor parallelism: the executor that starts the workers, joins their groups and
-broadcasts each step before rank 0 runs it (engine/distributed.py has the groups and the step channel,
-engine/worker.py the other ranks' loop)."""
+"""Executors: how rank 0 runs a ModelStep on every rank. `LocalExecutor` (one rank) calls its ModelRunner;
+`TPExecutor` starts the tensor-parallel workers, joins their groups and makes every call on every rank
+(`collective_rpc`: rank 0 sends the call down the step channel, then makes it itself). engine/distributed.py
+has the groups and the step channel, engine/worker.py the other ranks' loop."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import torch
 import torch.distributed as dist
 
 from autoglm_trt.config import EngineConfig, ModelConfig
-from autoglm_trt.engine.batch import StepBatch
+from autoglm_trt.engine.batch import ModelStep
 from autoglm_trt.engine.distributed import (DistInit, StepMessage, TensorParallelError, TPGroups, abort_group,
-                                            broadcast_rows, destroy_distributed, init_distributed,
-                                            send_message, set_step_channel, startup_timeout_s)
+                                            destroy_distributed, init_distributed, send_message,
+                                            set_step_channel, startup_timeout_s)
+from autoglm_trt.engine.outputs import StepFuture
 from autoglm_trt.errors import UserError
 from autoglm_trt.utils.logging import log
 
@@ -59,7 +61,7 @@ class TPExecutor:
 
         self.world = config.parallel.tensor_parallel_size
         self.failure: str | None = None
-        self.runner: TPRunner | None = None
+        self.runner = None  # rank 0's ModelRunner, once built
         self.timeout_s = startup_timeout_s()
         self._stopped = False
         self.groups: TPGroups | None = None  # set once this rank joined; None again after shutdown
@@ -85,46 +87,49 @@ class TPExecutor:
         log(f"tensor parallel: {self.world} ranks over {backend} (workers: pids "
             f"{', '.join(str(p.pid) for p in self.workers.procs.values())})")
 
-    def build_runner(self, model, model_cfg: ModelConfig, config: EngineConfig) -> "TPRunner":
+    def build_runner(self, model, model_cfg: ModelConfig, config: EngineConfig):
         """Rank 0's ModelRunner, built in step with the workers' (profiling, KV sizing, graph capture)."""
         from autoglm_trt.engine.model_runner import ModelRunner
 
         try:
             self.workers.wait_phase("loaded", self.timeout_s)
-            runner = ModelRunner(model, model_cfg, config, self.groups.torch_device)
+            self.runner = ModelRunner(model, model_cfg, config, self.groups.torch_device)
             self.workers.wait_phase("ready", self.timeout_s)
         except BaseException as exc:
             raise self._startup_error(exc) from exc
-        self.runner = TPRunner(runner, self)
         return self.runner
 
     # ---- steps ---------------------------------------------------------------------------------
-    def execute(self, runner, batch: StepBatch) -> torch.Tensor:
-        """Broadcast the step, run rank 0's shard -> logits [len(batch.logits_indices), vocab]."""
-        embeds = runner._image_embeds(batch)  # [rows, hidden] from rank 0's encoder cache, or None
-        rows = 0 if embeds is None else embeds.shape[0]
+    def execute(self, step: ModelStep) -> StepFuture:
+        """Run the step on every rank -> rank 0's future (its tokens; a rank lost while the device
+        works on it is reported when the future is read)."""
+        future = self.collective_rpc("execute", step)
+        return StepFuture(lambda: self._guarded(future.result))
 
-        def run() -> torch.Tensor:
-            broadcast_rows(embeds, rows, 0, runner.dtype)
-            return runner.run(batch, image_embeds=embeds)
+    def collective_rpc(self, method: str, *args):
+        """Call runner.<method>(*args) on every rank, workers first (a ModelStep goes to them without its
+        sampling rows) -> rank 0's result."""
+        self._check_alive()
+        sent = tuple(a.for_workers() if isinstance(a, ModelStep) else a for a in args)
 
-        return self._broadcast_then(StepMessage(batch, rows), run)
+        def call():
+            send_message(StepMessage(method, sent))
+            return getattr(self.runner, method)(*args)
 
-    def execute_multi(self, runner, batch: StepBatch, steps: int, penalties) -> list[list[int]]:
-        """Multi-step greedy decode on every rank (each replays its own graphs; tokens agree because
-        every rank argmaxes the same all-gathered logits) -> tokens [steps][rows], from rank 0."""
-        return self._broadcast_then(StepMessage(batch, 0, steps, penalties),
-                                    lambda: runner.run_multi(batch, steps, penalties))
+        return self._guarded(call)
 
-    def _broadcast_then(self, msg: StepMessage, run):
+    def _check_alive(self) -> None:
         custom = self.groups.custom if self.groups is not None else None
         if custom is not None and custom.error_seen() and self.failure is None:
             self.failure = "a rank did not answer the peer-memory all-reduce for a long time (it hangs)"
         if self.failure is not None:
             self.shutdown()
             raise TensorParallelError(f"tensor-parallel engine is stopped: {self.failure}")
+
+    def _guarded(self, run):
+        """run() -> its result; a failed collective or a peer lost meanwhile stops the engine, naming the rank."""
+        custom = self.groups.custom if self.groups is not None else None
         try:
-            send_message(msg)
             out = run()
             if custom is not None:
                 custom.fetch_error()  # NOTE: read at the next step, after this step's sync
@@ -189,7 +194,7 @@ class TPExecutor:
             except Exception:  # noqa: BLE001
                 healthy = False
         if self.runner is not None:
-            self.runner.runner.graphs = None  # NOTE: graphs hold NCCL work: drop them before the communicator
+            self.runner.graphs = None  # NOTE: graphs hold NCCL work: drop them before the communicator
         set_step_channel([])
         destroy_distributed(healthy)
         self.workers.stop(grace_s=10.0 if healthy else 0.5)  # NOTE: told to stop, or not going to answer
@@ -197,42 +202,46 @@ class TPExecutor:
         self.failure = self.failure or "the engine was shut down"
 
 
-def start_executor(config: EngineConfig, device: torch.device, model_cfg: ModelConfig) -> TPExecutor | None:
-    """The executor that starts the workers, or None when tensor_parallel_size is 1."""
+class LocalExecutor:
+    """One rank: the steps run on this process's ModelRunner."""
+
+    failure = None
+    healthy = True
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.runner = device, None
+
+    def build_runner(self, model, model_cfg: ModelConfig, config: EngineConfig):
+        from autoglm_trt.engine.model_runner import ModelRunner
+
+        self.runner = ModelRunner(model, model_cfg, config, self.device)
+        return self.runner
+
+    def execute(self, step: ModelStep) -> StepFuture:
+        return self.runner.execute(step)
+
+    def collective_rpc(self, method: str, *args):
+        return getattr(self.runner, method)(*args)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def start_executor(config: EngineConfig, device: torch.device, model_cfg: ModelConfig) -> LocalExecutor | TPExecutor:
+    """The executor that runs steps: TPExecutor (starting the workers) when tensor_parallel_size > 1."""
     if config.parallel.tensor_parallel_size == 1:
-        return None
+        return LocalExecutor(device)
     return TPExecutor(config, device, model_cfg)
 
 
 @contextlib.contextmanager
-def shutdown_on_error(executor: TPExecutor | None):
+def shutdown_on_error(executor: LocalExecutor | TPExecutor):
     """Stop the workers if rank 0's own start-up fails (no orphans, no half-formed group)."""
     try:
         yield
     except BaseException:
-        if executor is not None:
-            executor.shutdown()
+        executor.shutdown()
         raise
-
-
-class TPRunner:
-    """Rank 0's runner: the ModelRunner's interface, with run() broadcasting the step first."""
-
-    def __init__(self, runner, executor: TPExecutor) -> None:
-        self.runner, self.executor = runner, executor
-
-    def __getattr__(self, name: str):
-        return getattr(self.__dict__["runner"], name)
-
-    def run(self, batch: StepBatch) -> torch.Tensor:
-        return self.executor.execute(self.runner, batch)
-
-    def run_multi(self, batch: StepBatch, steps: int, penalties) -> list[list[int]]:
-        return self.executor.execute_multi(self.runner, batch, steps, penalties)
-
-    # NOTE: windows are not pipelined across ranks yet (each multi-step window is one broadcast call);
-    # without this the inner runner's launch_multi would run on rank 0 alone.
-    can_pipeline = False
 
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()

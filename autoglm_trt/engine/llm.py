@@ -27,7 +27,7 @@ def engine_config_from_kwargs(model_dir: str, *, dtype: str = "auto", device: st
                               enable_prefix_caching: bool = True, enforce_eager: bool = False,
                               tensor_parallel_size: int | None = None, seed: int = 0,
                               cuda_graph_batch_sizes: tuple[int, ...] | None = None,
-                              num_decode_steps: int = 8, quant: str | None = None, calib_dir: str | None = None,
+                              num_decode_steps: int | None = None, quant: str | None = None, calib_dir: str | None = None,
                               act_quant: str | None = None, image_preprocess_device: str = "auto") -> EngineConfig:
     """The EngineConfig of `LLM(model_dir, **kwargs)`.
 
@@ -45,10 +45,11 @@ def engine_config_from_kwargs(model_dir: str, *, dtype: str = "auto", device: st
     extra = {"cuda_graph_batch_sizes": tuple(graphs)} if graphs else {}
     return EngineConfig(
         model_dir=str(model_dir), dtype=dtype, device=device, enforce_eager=enforce_eager, seed=seed,
-        num_decode_steps=num_decode_steps, quant=o["quant"], calib_dir=calib_dir, act_quant=o["act_quant"],
+        quant=o["quant"], calib_dir=calib_dir, act_quant=o["act_quant"],
         image_preprocess_device=image_preprocess_device,
         cache=CacheConfig(o["block_size"], gpu_memory_utilization, num_blocks, enable_prefix_caching),
-        scheduler=SchedulerConfig(o["max_num_seqs"], max(o["max_num_batched_tokens"], 1), o["max_model_len"]),
+        scheduler=SchedulerConfig(o["max_num_seqs"], max(o["max_num_batched_tokens"], 1), o["max_model_len"],
+                                  num_decode_steps),
         parallel=ParallelConfig(o["tensor_parallel_size"]), **extra)
 
 

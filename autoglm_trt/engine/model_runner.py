@@ -1,7 +1,9 @@
-"""Runs the model on one StepBatch: images through the vision tower once, then the decoder over the paged KV.
+"""Runs one ModelStep on this rank: images through the vision tower once (rank 0), the decoder over the
+paged KV, then the sampler (rank 0) -> the tokens each row produced.
 
 The runner owns the device state (weights, KV cache, CUDA graphs, encoder cache); the scheduler never
-sees a tensor. Decode steps replay a CUDA graph on GPU; everything else runs eagerly.
+sees a tensor. Decode steps replay a CUDA graph on GPU; greedy decode windows run k steps in self-advancing
+graphs (on the CPU the same buffers run eagerly); everything else runs eagerly.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import torch
 
 from autoglm_trt.config import EngineConfig, ModelConfig
 from autoglm_trt.engine import kv_cache as kvc
-from autoglm_trt.engine.batch import StepBatch, padded_tables
-from autoglm_trt.engine.distributed import min_over_tp_ranks
+from autoglm_trt.engine.batch import ModelStep, StepBatch, padded_tables
+from autoglm_trt.engine.distributed import broadcast_rows, min_over_tp_ranks
+from autoglm_trt.engine.outputs import ModelOutput, StepFuture
 from autoglm_trt.engine.sequence import Sequence
+from autoglm_trt.layers import parallel
 from autoglm_trt.layers.context import AttentionContext, reset_context, set_context
+from autoglm_trt.layers.sampler import Sampler, SamplingMetadata
 from autoglm_trt.utils.logging import log
 
 
@@ -50,9 +55,11 @@ class ModelRunner:
         self.spec = kvc.spec_for(model_cfg, cfg.cache, heads, self.dtype)
         self.num_blocks = min_over_tp_ranks(self._size_cache())  # TP: every rank holds the same blocks
         self.kv_caches = kvc.allocate_kv_cache(self.spec, self.num_blocks, device)
+        self.sampler = Sampler()
         self.graphs = None
-        if device.type == "cuda" and not cfg.enforce_eager:
-            self._capture_graphs()
+        self.steps = cfg.scheduler.num_decode_steps or 1  # resolved by the engine (8 on a GPU by default)
+        if (device.type == "cuda" and not cfg.enforce_eager) or self.steps > 1:
+            self._make_graphs()
         if device.type == "cuda":
             self._warm_dense_attention()
 
@@ -64,7 +71,7 @@ class ModelRunner:
             return kvc.cpu_num_blocks(self.spec, self.cfg.scheduler)
         peak = self._profile_peak_bytes()
         graphs = 0 if self.cfg.enforce_eager else kvc.graph_output_bytes(
-            self._graph_sizes(), self.model_cfg.text.vocab_size, self.cfg.num_decode_steps > 1)
+            self._graph_sizes(), self.model_cfg.text.vocab_size, self.steps > 1)
         return kvc.gpu_num_blocks(self.spec, self.cfg.cache, self.device, peak, graphs)
 
     def _graph_sizes(self) -> list[int]:
@@ -101,16 +108,18 @@ class ModelRunner:
         pixels = torch.zeros(grid[1] * grid[2], width, dtype=self.dtype, device=self.device)
         self.model.encode_images(pixels, [grid])
 
-    def _capture_graphs(self) -> None:
+    def _make_graphs(self) -> None:
+        """Decode buffers per batch bucket: CUDA graphs on a GPU; on the CPU (multi-step windows asked for
+        explicitly) the same buffers run eagerly."""
         from autoglm_trt.engine.cuda_graph import DecodeGraphs
 
         t0 = time.perf_counter()
         sizes = self._graph_sizes()
         max_blocks = -(-self.cfg.scheduler.max_model_len // self.block_size)
-        self.graphs = DecodeGraphs(self.model, self.kv_caches, sizes, max_blocks, self.device,
-                                   max_steps=self.cfg.num_decode_steps)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, sizes, max_blocks, self.device, max_steps=self.steps)
         self.graphs.capture()
-        log(f"captured {len(self.graphs.graphs)} CUDA graphs (batch {sizes}) in {time.perf_counter() - t0:.1f} s")
+        if not self.graphs.eager:
+            log(f"captured {len(self.graphs.graphs)} CUDA graphs (batch {sizes}) in {time.perf_counter() - t0:.1f} s")
 
     def _warm_dense_attention(self) -> None:
         """cuDNN's SDPA plans for every padded whole-prompt length (layers/attention.py), built now."""
@@ -128,7 +137,7 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------------
     def encode_images(self, seqs: list[Sequence]) -> None:
-        """Run the vision tower once for every image of `seqs` not yet in the encoder cache."""
+        """Rank 0: run the vision tower once for every image of `seqs` not yet in the encoder cache."""
         todo = {img.content_hash: img for s in seqs for img in s.images if self.encoder_cache.get(img.content_hash) is None}
         if not todo:
             return
@@ -142,10 +151,54 @@ class ModelRunner:
         for img, emb in zip(images, embeds.split(sizes)):
             self.encoder_cache.put(img.content_hash, emb)
 
+    @property
+    def max_window_rows(self) -> int:
+        """The largest decode batch a multi-step window can run (0: no multi-step buffers)."""
+        return self.graphs.batch_sizes[-1] if self.graphs is not None and self.graphs.max_steps > 1 else 0
+
+    @torch.inference_mode()
+    def execute(self, step: ModelStep) -> StepFuture:
+        """Run one step on this rank's shard -> its tokens (rank 0; other ranks' futures hold None)."""
+        if step.is_window:
+            return self._launch_window(step)
+        logits = self.forward_logits(step.batch)  # [sampling rows, vocab] fp32
+        if step.sampling is None:  # NOTE: another tensor-parallel rank: rank 0 samples
+            return StepFuture.done(None)
+        return StepFuture.done(self._sample(logits, step))
+
+    def _sample(self, logits: torch.Tensor, step: ModelStep) -> ModelOutput:
+        meta = SamplingMetadata.from_sequences(step.sampling, self.model_cfg.text.vocab_size, logits.device)
+        result = self.sampler(logits, meta)
+        tokens, lps = iter(result.token_ids), iter(result.logprobs or [])
+        token_ids = [[next(tokens)] if s else [] for s in step.samples]
+        if result.logprobs is None:
+            return ModelOutput(token_ids)
+        logprobs = [[lp] if (lp := next(lps) if s else None) is not None else [] for s in step.samples]
+        return ModelOutput(token_ids, logprobs)
+
+    def _launch_window(self, step: ModelStep) -> StepFuture:
+        """Start a window of greedy tokens on the device; the future reads them back in one copy."""
+        b, steps, rows = step.batch, step.num_steps, len(step.samples)
+        if step.continues:
+            self.graphs.continue_multi(b.slot_mapping, b.block_tables, steps)
+        else:
+            self.graphs.launch_multi(b.input_ids, b.positions.to(self.device), b.slot_mapping, b.seq_lens,
+                                     b.block_tables, steps, step.penalties)
+        return StepFuture(lambda: ModelOutput([list(r) for r in zip(*self.graphs.collect(steps, rows))]))
+
     def _image_embeds(self, batch: StepBatch) -> torch.Tensor | None:
-        if not batch.image_chunks:
+        """The step's image-embedding rows: rank 0 reads its encoder cache, and under tensor
+        parallelism sends them to the other ranks (which load no vision tower)."""
+        rows = batch.num_image_rows
+        if not rows:
             return None
-        return torch.cat([self.encoder_cache.get(c.content_hash)[c.row_start:c.row_end] for c in batch.image_chunks])
+        embeds = None
+        if parallel.get_tp_rank() == 0:
+            embeds = torch.cat([self.encoder_cache.get(c.content_hash)[c.row_start:c.row_end]
+                                for c in batch.image_chunks])  # [rows, hidden]
+        if parallel.get_tp_size() > 1:
+            embeds = broadcast_rows(embeds, rows, self.model_cfg.text.hidden_size, self.dtype)
+        return embeds
 
     def _tables(self, tables: list[list[int]]) -> torch.Tensor:
         return padded_tables(tables).to(self.device, non_blocking=True)
@@ -162,14 +215,13 @@ class ModelRunner:
             is_decode=batch.is_decode, kv_caches=self.kv_caches)
 
     @torch.inference_mode()
-    def run(self, batch: StepBatch, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """-> logits [len(batch.logits_indices), vocab] float32. image_embeds: the step's rows, when
-        they come from elsewhere (a TP worker gets them broadcast by rank 0, which ran the tower)."""
+    def forward_logits(self, batch: StepBatch) -> torch.Tensor:
+        """-> logits [len(batch.logits_indices), vocab] float32 (a decode step replays its CUDA graph)."""
         if batch.is_decode and self.graphs is not None and self.graphs.bucket(batch.num_tokens):
             return self.graphs.run(batch.input_ids, batch.positions.to(self.device), batch.slot_mapping,
                                    batch.seq_lens, batch.block_tables)
         ids = torch.tensor(batch.input_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        embeds = self.model.embed(ids, self._image_embeds(batch) if image_embeds is None else image_embeds)
+        embeds = self.model.embed(ids, self._image_embeds(batch))
         set_context(self._context(batch))
         try:
             hidden = self.model(embeds, batch.positions.to(self.device))  # [T, hidden]
@@ -177,29 +229,3 @@ class ModelRunner:
             reset_context()
         rows = torch.tensor(batch.logits_indices, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows))
-
-    def can_run_multi(self, batch_size: int) -> bool:
-        return self.graphs is not None and self.graphs.max_steps > 1 and self.graphs.bucket(batch_size) is not None
-
-    @torch.inference_mode()
-    def run_multi(self, batch: StepBatch, steps: int, penalties) -> list[list[int]]:
-        """Greedy multi-step decode on the GPU -> tokens [steps][len(batch.input_ids)]."""
-        return self.graphs.run_multi(batch.input_ids, batch.positions.to(self.device), batch.slot_mapping,
-                                     batch.seq_lens, batch.block_tables, steps, penalties)
-
-    # ---- pipelined windows (the engine overlaps its CPU work for window N with window N+1) ----------
-    @property
-    def can_pipeline(self) -> bool:
-        return self.graphs is not None and self.graphs.max_steps > 1
-
-    @torch.inference_mode()
-    def launch_multi(self, batch: StepBatch, steps: int, penalties) -> None:
-        self.graphs.launch_multi(batch.input_ids, batch.positions.to(self.device), batch.slot_mapping,
-                                 batch.seq_lens, batch.block_tables, steps, penalties)
-
-    @torch.inference_mode()
-    def continue_multi(self, slots: list[int], tables: list[list[int]], steps: int) -> None:
-        self.graphs.continue_multi(slots, tables, steps)
-
-    def collect_multi(self, steps: int, batch_size: int) -> list[list[int]]:
-        return self.graphs.collect(steps, batch_size)

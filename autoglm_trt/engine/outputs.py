@@ -1,10 +1,35 @@
-"""What the engine hands back each step: per-request deltas, and engine-wide statistics."""
+"""What the model runner hands back for a step, and what the engine hands back: per-request deltas and
+engine-wide statistics."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from autoglm_trt.layers.sampler import TokenLogprob
+
+
+@dataclass
+class ModelOutput:
+    token_ids: list[list[int]]  # per scheduled row: the tokens it produced ([] for a chunk that does not sample)
+    logprobs: list[list[TokenLogprob]] | None = None  # per scheduled row, one per token, when any row asked
+
+
+class StepFuture:
+    """A step launched on the device: `result()` waits for its tokens (a window's come back in one copy)."""
+
+    def __init__(self, fetch: Callable[[], ModelOutput | None]) -> None:
+        self._fetch, self._value = fetch, None
+
+    @classmethod
+    def done(cls, value: ModelOutput | None) -> "StepFuture":
+        future = cls(lambda: value)
+        return future
+
+    def result(self) -> ModelOutput | None:
+        if self._fetch is not None:
+            self._value, self._fetch = self._fetch(), None
+        return self._value
 
 
 @dataclass

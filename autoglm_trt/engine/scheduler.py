@@ -1,4 +1,4 @@
-"""Continuous batching with chunked prefill and preemption by recompute. Pure Python, no torch.
+"""Continuous batching with chunked prefill, multi-step windows and preemption by recompute. Pure Python.
 
 There are no prefill or decode phases: each step, every sequence's computed tokens catch up with its
 known tokens (prompt + output) as far as the token budget allows. Running sequences go first, in
@@ -6,6 +6,12 @@ admission order, then waiting ones (lower priority value first, preempted before
 When blocks run out, the running sequence with the lowest priority and the latest arrival is
 preempted: its blocks are freed, its computed tokens reset to 0, and it goes back to the head of the
 waiting queue; its output tokens are kept and recomputed with the prompt when it is admitted again.
+
+The scheduler decides how many tokens each row computes in a step and owns every piece of KV and stop
+bookkeeping: a prompt chunk, one decode token, or a window of k greedy decode tokens that the device
+produces without a CPU round trip (`num_steps`; lookahead blocks reserved here), and the next window of
+the same rows (`schedule_continuation`), planned from the tokens a finished window produced before they
+are applied, so the device can start it while the CPU does the finished window's work.
 
 Call order, from one thread: add / abort / finish between steps, then schedule -> run -> update.
 """
@@ -28,12 +34,14 @@ from autoglm_trt.errors import RequestError
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # compute tokens [start, start + num_new_tokens) this step
-    start: int = field(init=False)  # seq.num_computed_tokens when scheduled
-    samples: bool = field(init=False)  # the chunk reaches the last known token: sample one more
+    start: int | None = None  # first token computed; None: seq.num_computed_tokens when scheduled
+    samples: bool | None = None  # the chunk reaches the last known token: it produces tokens; None: derive
 
     def __post_init__(self) -> None:
-        self.start = self.seq.num_computed_tokens
-        self.samples = self.start + self.num_new_tokens == self.seq.num_tokens
+        if self.start is None:
+            self.start = self.seq.num_computed_tokens
+        if self.samples is None:
+            self.samples = self.start + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -41,6 +49,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq]  # in the order of the flat token batch
     preempted: list[Sequence]  # lost their blocks this step (KV gone; will be recomputed)
     finished_aborted: list[Sequence]  # aborted since the last schedule(): drop per-request state
+    num_steps: int = 1  # tokens each row produces: > 1 is a greedy window decoded on the device
+    continues: bool = False  # the rows continue the window before this one (their inputs are on the device)
     is_decode: bool = field(init=False)  # every scheduled seq computes exactly one token
     num_batched_tokens: int = field(init=False)  # sum of num_new_tokens
 
@@ -56,8 +66,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
-                 eos_token_ids: Iterable[int] = ()) -> None:
+                 eos_token_ids: Iterable[int] = (), max_window_rows: int = 0) -> None:
         self.config = scheduler_config
+        # windows of num_decode_steps greedy tokens for decode batches of at most this many rows (0: never;
+        # the runner's multi-step buffers set it)
+        self.max_window_rows = max_window_rows if (scheduler_config.num_decode_steps or 1) > 1 else 0
         self.block_manager = BlockManager(num_blocks, cache_config.block_size,
                                           cache_config.enable_prefix_caching)
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -136,31 +149,76 @@ class Scheduler:
         if not preempted:  # NOTE: admitting new work right after a preemption would thrash
             self._schedule_waiting(scheduled, budget)
         aborted, self._aborted = self._aborted, []
-        return SchedulerOutput(scheduled, preempted, aborted)
+        out = SchedulerOutput(scheduled, preempted, aborted)
+        if self._window_eligible(out):
+            seqs = [s.seq for s in scheduled]
+            steps = self._window_steps(seqs, ahead=0)
+            if steps > 1 and self._reserve_window(seqs, 0, steps):
+                out.num_steps = steps
+        return out
 
-    def update(self, output: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
-        """Advance computed tokens, append sampled tokens, finish sequences; returns those finished.
+    def schedule_continuation(self, out: SchedulerOutput, produced: list[list[int]]) -> SchedulerOutput | None:
+        """The next window of `out`'s rows, planned from the tokens `out` produced before they are applied
+        (update(out, produced) comes after): None when a row stops within them, a request waits, or no room."""
+        if out.num_steps < 2 or self.waiting:
+            return None
+        for sch, tokens in zip(out.scheduled, produced):
+            if sch.seq.status is not SequenceStatus.RUNNING or self.stops_within(sch.seq, tokens):
+                return None
+        seqs = [s.seq for s in out.scheduled]
+        steps = self._window_steps(seqs, ahead=out.num_steps)
+        if steps < 1 or not self._reserve_window(seqs, out.num_steps, steps):
+            return None
+        rows = [ScheduledSeq(s.seq, 1, start=s.start + out.num_steps, samples=True) for s in out.scheduled]
+        return SchedulerOutput(rows, [], [], num_steps=steps, continues=True)
 
-        `sampled[i]` belongs to output.scheduled[i]; it is read only where that chunk `samples`.
+    def update(self, output: SchedulerOutput, produced: list[list[int]]) -> list[Sequence]:
+        """Append each row's produced tokens (one by one: a stop ends the row and drops the rest), advance
+        computed tokens, finish sequences; returns those finished.
+
+        `produced[i]` belongs to output.scheduled[i] and is read only where that chunk `samples`.
         """
-        if len(sampled) != len(output.scheduled):
-            raise ValueError(f"{len(sampled)} sampled tokens for {len(output.scheduled)} scheduled seqs")
+        if len(produced) != len(output.scheduled):
+            raise ValueError(f"{len(produced)} token lists for {len(output.scheduled)} scheduled seqs")
         finished = []
-        for sch, token in zip(output.scheduled, sampled):
+        for sch, tokens in zip(output.scheduled, produced):
             seq = sch.seq
             if seq.status is not SequenceStatus.RUNNING:  # aborted or finished since schedule()
                 continue
-            seq.num_computed_tokens = sch.start + sch.num_new_tokens
             if not sch.samples:
+                seq.num_computed_tokens = sch.start + sch.num_new_tokens
                 continue
-            if token is None:
+            if not tokens:
                 raise ValueError(f"request {seq.request_id!r} reached its last token: it needs a sample")
-            seq.append_token(token)
-            reason = self._stop_reason(seq, token)
+            reason = self._append(seq, tokens)
+            seq.num_computed_tokens = seq.num_tokens - 1  # NOTE: every token but the newest has its KV now
+            allocated = sch.start + sch.num_new_tokens  # allocate() hashed the blocks up to here
+            if seq.num_computed_tokens > allocated:  # a window computed more on the device
+                self.block_manager.register_computed(seq, allocated, seq.num_computed_tokens)
             if reason is not None:
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def _append(self, seq: Sequence, tokens: list[int]) -> str | None:
+        for token in tokens:
+            seq.append_token(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                return reason
+        return None
+
+    def finish_at(self, seq: Sequence, num_output_tokens: int) -> None:
+        """A stop string completed with output token `num_output_tokens` (the engine reads text): drop the
+        tokens after it and finish the sequence with reason "stop", as if it had stopped there (also when
+        a later token of the same step had already finished it)."""
+        extra = seq.num_output_tokens - num_output_tokens
+        if extra > 0:
+            del seq.output_token_ids[-extra:], seq.token_ids[-extra:]
+        if seq.is_finished:
+            seq.status, seq.finish_reason = FINISH_STATUS["stop"], "stop"
+        else:
+            self.finish(seq, "stop")
 
     # ---- internals ---------------------------------------------------------------------------
     def _schedule_running(self, scheduled: list[ScheduledSeq], preempted: list[Sequence],
@@ -234,6 +292,29 @@ class Scheduler:
         # NOTE: past kv_capacity the next token's KV would not fit in the whole cache
         return (num_output >= seq.params.max_tokens or num_tokens >= self.config.max_model_len
                 or num_tokens > self.kv_capacity)
+
+    # ---- multi-step windows -------------------------------------------------------------------
+    def _window_eligible(self, out: SchedulerOutput) -> bool:
+        """A decode batch whose rows all take the device's greedy path (the multi-step buffers)."""
+        if not out.is_decode or len(out.scheduled) > self.max_window_rows:
+            return False
+        for sch in out.scheduled:
+            seq, p = sch.seq, sch.seq.params
+            if (sch.start < seq.num_prompt_tokens or not p.is_greedy or p.repetition_penalty != 1.0
+                    or p.logprobs is not None):
+                return False
+        return True
+
+    def _window_steps(self, seqs: list[Sequence], ahead: int) -> int:
+        """Tokens per row for a window starting `ahead` tokens past the seqs' known ones: at most
+        num_decode_steps, never past max_model_len, never past the longest remaining max_tokens."""
+        room = min(self.config.max_model_len - s.num_tokens - ahead for s in seqs)
+        wanted = max(s.params.max_tokens - s.num_output_tokens - ahead for s in seqs)
+        return max(0, min(self.config.num_decode_steps or 1, room, wanted))
+
+    def _reserve_window(self, seqs: list[Sequence], ahead: int, steps: int) -> bool:
+        """Blocks for the KV a window writes on the device (tokens past those allocate() covered)."""
+        return all(self.block_manager.allocate(s, 1, lookahead=ahead + steps - 1).ok for s in seqs)
 
     def stops_within(self, seq: Sequence, tokens: list[int]) -> bool:
         """Would appending `tokens` to seq finish it (stop ids or a length limit)? Changes nothing."""

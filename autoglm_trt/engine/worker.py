@@ -1,6 +1,6 @@
 """Tensor-parallel worker processes (ranks 1..N-1): how rank 0 starts and watches them, and what each
 one runs: report `hello`, join the group, load its weight shard (no vision tower), build its
-ModelRunner, then run every step that rank 0 broadcasts until it is told to stop.
+ModelRunner, then make every runner call that rank 0 sends until it is told to stop.
 
 A worker never outlives its parent: a watchdog thread exits the process when the parent pid changes
 (the parent died, even by SIGKILL); the processes are also daemonic, so a normal exit of the parent
@@ -20,9 +20,8 @@ from multiprocessing.connection import wait as wait_objects
 import torch
 
 from autoglm_trt.config import EngineConfig, ModelConfig
-from autoglm_trt.engine.distributed import (PHASES, DistInit, TensorParallelError, TPGroups,
-                                            broadcast_rows, init_distributed, recv_message,
-                                            set_step_channel)
+from autoglm_trt.engine.distributed import (PHASES, DistInit, TensorParallelError, TPGroups, init_distributed,
+                                            recv_message, set_step_channel)
 
 
 @dataclass
@@ -205,8 +204,7 @@ def worker_main(args: WorkerArgs, conn, step_conn) -> None:
         _report(conn, "hello", os.getpid())
         groups = init_distributed(args.init)
         _report(conn, "joined")
-        runner, hidden = _build(args, groups, conn)
-        _serve(runner, hidden)
+        _serve(_build(args, groups, conn))
         _leave(groups)
     except BaseException:  # noqa: BLE001 - rank 0 names this rank and shows the tail of this text
         try:
@@ -228,23 +226,20 @@ def _build(args: WorkerArgs, groups: TPGroups, conn):
     _report(conn, "loaded")
     runner = ModelRunner(model, model_cfg, cfg, groups.torch_device)
     _report(conn, "ready", runner.num_blocks)
-    return runner, model_cfg.text.hidden_size
+    return runner
 
 
-def _serve(runner, hidden: int) -> None:
-    """Run each broadcast step on this rank's shard (its logits are rank 0's business)."""
+def _serve(runner) -> None:
+    """Make every call rank 0 makes on its runner, on this rank's shard, until told to stop (the results
+    are rank 0's business: its logits and tokens)."""
     faulty = bool(os.environ.get("AUTOGLM_TRT_TP_FAULT"))
     while True:
         msg = recv_message()
-        if msg.batch is None:
+        if msg.method is None:
             return
         if faulty:
             _fault(_RANK, "step")
-        if msg.steps:
-            runner.run_multi(msg.batch, msg.steps, msg.penalties)
-            continue
-        embeds = broadcast_rows(None, msg.image_rows, hidden, runner.dtype)
-        runner.run(msg.batch, image_embeds=embeds)
+        getattr(runner, msg.method)(*msg.args)
 
 
 def _leave(groups: TPGroups) -> None:

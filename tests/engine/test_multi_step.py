@@ -7,20 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from autoglm_trt.engine.cuda_graph import DecodeGraphs
 from autoglm_trt.engine.llm import LLM
 from autoglm_trt.engine.sampling_params import SamplingParams
 
 PROMPTS = ["Open the settings app", "打开微信，给妈妈发消息", "a b c d e f g h " * 5, "Swipe up twice"]
-KW = dict(device="cpu", dtype="float32", max_model_len=512, num_blocks=128)
-
-
-def _with_windows(llm: LLM, steps: int = 4) -> LLM:
-    """Give the CPU runner eager multi-step decode buffers (on a GPU these are captured graphs)."""
-    r = llm.engine.runner
-    r.graphs = DecodeGraphs(r.model, r.kv_caches, [1, 2, 4], 512 // r.block_size, r.device, max_steps=steps)
-    llm.engine.config.num_decode_steps = steps
-    return llm
+KW = dict(device="cpu", dtype="float32", max_model_len=512, num_blocks=128, cuda_graph_batch_sizes=(1, 2, 4))
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +21,16 @@ def single(tiny_model_dir, our_model):
 
 @pytest.fixture(scope="module")
 def multi(tiny_model_dir, our_model):
-    llm = _with_windows(LLM(str(tiny_model_dir), **KW))
+    llm = LLM(str(tiny_model_dir), num_decode_steps=4, **KW)  # on the CPU the multi-step buffers run eagerly
     calls = {"continued": 0}
-    cont = llm.engine.runner.continue_multi
+    graphs = llm.engine.runner.graphs
+    cont = graphs.continue_multi
 
     def counting(*a, **k):
         calls["continued"] += 1
         return cont(*a, **k)
 
-    llm.engine.runner.continue_multi = counting
+    graphs.continue_multi = counting
     llm.calls = calls
     return llm
 
@@ -47,7 +39,7 @@ def _free(llm: LLM) -> None:
     stats = llm.engine.get_stats()
     assert stats.num_free_blocks == stats.num_total_blocks, "KV blocks leaked"
     assert stats.num_running == stats.num_waiting == 0
-    assert llm.engine._window is None
+    assert llm.engine._inflight is None
 
 
 def test_windows_equal_single_step(single, multi):
@@ -85,7 +77,7 @@ def _run_with_stop(llm: LLM, prompt: str, stop: str) -> tuple[list[int], str, st
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=[stop])
     engine.add_request("stop", engine.processor.process_text(prompt), params)
-    engine._text["stop"].detok = _IdText()
+    engine.output.text_state("stop").detok = _IdText()
     ids, text, reason = [], "", None
     while engine.has_unfinished_requests():
         for o in engine.step():
@@ -111,7 +103,7 @@ def test_abort_and_arrival_while_a_window_is_in_flight(single, multi):
     for _ in range(4):  # prefill, then windows; the last call leaves the next window on the device
         for o in engine.step():
             got.setdefault(o.request_id, []).extend(o.new_token_ids)
-    assert engine._window is not None, "expected a window in flight"
+    assert engine._inflight is not None and engine._inflight.out.continues, "expected a window in flight"
     engine.abort_request("r1")
     engine.add_request("late", engine.processor.process_text(PROMPTS[3]), greedy)
     while engine.has_unfinished_requests():

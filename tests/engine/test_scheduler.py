@@ -31,7 +31,7 @@ def fake_model(seq):
 
 def step(sched, model=fake_model):
     out = sched.schedule()
-    sampled = [model(s.seq) if s.samples else None for s in out.scheduled]
+    sampled = [[model(s.seq)] if s.samples else [] for s in out.scheduled]
     finished = sched.update(out, sampled)
     sched.check_invariants()
     return out, finished
@@ -71,7 +71,7 @@ def test_eos_stop_tokens_and_ignore_eos():
     for s in (a, b, c):
         sched.add(s)
     out = sched.schedule()
-    fin = sched.update(out, [EOS, EOS, 7])
+    fin = sched.update(out, [[EOS], [EOS], [7]])
     assert fin == [a, c] and a.finish_reason == "stop" and c.finish_reason == "stop"
     assert a.output_token_ids == [EOS] and b.status is SequenceStatus.RUNNING
     run_all(sched, model=lambda s: EOS)
@@ -104,12 +104,12 @@ def test_unsampled_chunks_ignore_tokens_and_sampling_chunks_need_one():
     seq = make_seq("a", 20, 0.0)
     sched.add(seq)
     out = sched.schedule()
-    sched.update(out, [123])  # a token for an unfinished chunk is ignored
+    sched.update(out, [[123]])  # a token for an unfinished chunk is ignored
     assert seq.num_output_tokens == 0 and seq.num_computed_tokens == 16
     out = sched.schedule()
     with pytest.raises(ValueError, match="needs a sample"):
-        sched.update(out, [None])
-    with pytest.raises(ValueError, match="sampled tokens"):
+        sched.update(out, [[]])
+    with pytest.raises(ValueError, match="token lists"):
         sched.update(out, [])
 
 
@@ -220,7 +220,7 @@ def test_update_skips_sequences_aborted_after_schedule():
     sched.add(seq)
     out = sched.schedule()
     sched.abort("a")
-    assert sched.update(out, [5]) == [] and seq.num_output_tokens == 0
+    assert sched.update(out, [[5]]) == [] and seq.num_output_tokens == 0
 
 
 def test_finish_for_stop_strings():

@@ -22,6 +22,8 @@ from autoglm_trt.engine.sampling_params import SamplingParams
 from autoglm_trt.engine.sequence import Sequence
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+WINDOW_PROMPTS = ["Open the settings app", "打开微信，给妈妈发消息", "a b c d e f g h " * 5, "Swipe up twice"]
+WINDOW_GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, frequency_penalty=0.2)
 KW = dict(device="cpu", dtype="float32", max_model_len=1024, num_blocks=64)
 
 
@@ -74,7 +76,8 @@ def reference(tiny_model_dir):
     """
     llm = LLM(str(tiny_model_dir), **KW)
     logits = [_prefill_logits(llm, conv) for conv in CONVERSATIONS[:2]]
-    return logits, [o.token_ids for o in llm.chat(CONVERSATIONS, GREEDY)]
+    windows = [o.token_ids for o in llm.generate([WINDOW_PROMPTS[i] for i in (0, 2, 3)], WINDOW_GREEDY)]
+    return logits, [o.token_ids for o in llm.chat(CONVERSATIONS, GREEDY)], windows
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +100,7 @@ def _prefill_logits(llm: LLM, conv: list[dict]) -> torch.Tensor:
                       [blocks[i // bs] * bs + i % bs for i in range(n)], [0, n], [n], [blocks],
                       list(range(n)), image_chunks_for(seq, 0, n), False)
     eng.runner.encode_images([seq])
-    return eng.runner.run(batch)  # [n, vocab] fp32
+    return eng.executor.collective_rpc("forward_logits", batch)  # [n, vocab] fp32
 
 
 def test_prefill_logits_equal(reference, tp2):
@@ -113,6 +116,34 @@ def test_greedy_tokens_equal(reference, tp2):
     assert tp2.engine.healthy
     stats = tp2.engine.get_stats()
     assert stats.num_running == 0 and stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_windows_under_tp_equal_tp1(tiny_model_dir, reference, tp2):
+    """Multi-step windows on both ranks (eager on the CPU), pipelined: a window is in flight while a
+    request arrives and another aborts; the tokens are TP=1's single-step ones."""
+    tp2.engine.shutdown()  # NOTE: one tensor-parallel engine per process at a time
+    llm = LLM(str(tiny_model_dir), tensor_parallel_size=2, num_decode_steps=4, cuda_graph_batch_sizes=(1, 2, 4), **KW)
+    engine, got, continued = llm.engine, {}, []
+    graphs, cont = engine.runner.graphs, engine.runner.graphs.continue_multi
+    graphs.continue_multi = lambda *a, **k: (continued.append(1), cont(*a, **k))[1]
+    try:
+        for i in range(3):
+            engine.add_request(f"r{i}", engine.processor.process_text(WINDOW_PROMPTS[i]), WINDOW_GREEDY)
+        for _ in range(4):  # the prefill, then windows; the last call leaves the next window in flight
+            for o in engine.step():
+                got.setdefault(o.request_id, []).extend(o.new_token_ids)
+        assert engine._inflight is not None and engine._inflight.out.continues, "expected a window in flight"
+        engine.abort_request("r1")
+        engine.add_request("late", engine.processor.process_text(WINDOW_PROMPTS[3]), WINDOW_GREEDY)
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                got.setdefault(o.request_id, []).extend(o.new_token_ids)
+        assert [got["r0"], got["r2"], got["late"]] == reference[2]
+        assert continued and engine.healthy and len(got.get("r1", [])) < 40
+        stats = engine.get_stats()
+        assert stats.num_running == 0 and stats.num_free_blocks == stats.num_total_blocks
+    finally:
+        engine.shutdown()
 
 
 def test_killed_worker_stops_engine(tiny_model_dir, tp2):
