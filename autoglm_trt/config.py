@@ -181,16 +181,31 @@ def _vision_from_dict(raw: dict) -> VisionConfig:
     return VisionConfig(**kwargs)
 
 
+# ---- the engine's options: one set of defaults, read by EngineArgs (LLM, serve, generate) and the build ----
+DEFAULT_MAX_NUM_SEQS = 64  # sequences running at once
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192  # token budget of one step, as vLLM's API server on large GPUs
+DEFAULT_BLOCK_SIZE = 16  # tokens per KV block
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
+BLOCK_SIZES = (8, 16, 32, 64, 128)
+CUDA_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def cuda_graph_sizes(max_num_seqs: int) -> tuple[int, ...]:
+    """The decode batch buckets captured as CUDA graphs: the standard ones below max_num_seqs, and
+    max_num_seqs itself (so every decode batch replays a graph)."""
+    return tuple(b for b in CUDA_GRAPH_BATCH_SIZES if b < max_num_seqs) + (max_num_seqs,)
+
+
 @dataclass
 class CacheConfig:
-    block_size: int = 16  # tokens per KV block
-    gpu_memory_utilization: float = 0.90  # fraction of the GPU the engine may use in all
+    block_size: int = DEFAULT_BLOCK_SIZE  # tokens per KV block
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # fraction of the GPU the engine may use in all
     num_blocks: int | None = None  # fixed number of KV blocks (CPU default: from max_model_len)
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        if self.block_size not in (8, 16, 32, 64, 128):
-            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
         if not 0.05 <= self.gpu_memory_utilization <= 0.99:
             raise ValueError(f"gpu_memory_utilization must be in [0.05, 0.99], got {self.gpu_memory_utilization}")
         if self.num_blocks is not None:
@@ -199,9 +214,9 @@ class CacheConfig:
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 64  # sequences running at once
-    max_num_batched_tokens: int = 8192  # token budget of one step (chunked prefill splits past it)
-    max_model_len: int = 25480  # prompt + generated tokens of one sequence
+    max_model_len: int  # prompt + generated tokens of one sequence
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS  # sequences running at once
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS  # token budget of one step (chunked prefill past it)
     num_decode_steps: int | None = None  # greedy tokens per multi-step window (None: 8 with CUDA graphs, else 1)
 
     def __post_init__(self) -> None:
@@ -225,15 +240,13 @@ class ParallelConfig:
 @dataclass
 class EngineConfig:
     model_dir: str
+    scheduler: SchedulerConfig
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     device: str = "auto"  # auto | cpu | cuda
     cache: CacheConfig = field(default_factory=CacheConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     enforce_eager: bool = False  # no CUDA graphs
-    # decode batch buckets captured as CUDA graphs (those <= max_num_seqs); larger batches run eagerly
-    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384,
-                                               448, 512)
+    cuda_graph_batch_sizes: tuple[int, ...] = CUDA_GRAPH_BATCH_SIZES  # decode buckets (<= max_num_seqs) captured
     seed: int = 0
     quant: str = "none"  # none | int8-wo | w8a8 | fp8: quantize the decoder's linears after loading
     calib_dir: str | None = None  # calibration directory (SmoothQuant scales) for w8a8
@@ -241,6 +254,9 @@ class EngineConfig:
     # image resize/normalize/patches: "auto" = on the engine's device (a GPU does it in ~1 ms, within a grey
     # level or two of transformers), "cpu" = transformers' numbers exactly (~100 ms per screenshot)
     image_preprocess_device: str = "auto"
+    # where max_model_len came from: "the model's maximum" (then lowered to the KV capacity at start-up),
+    # "the engine's build" or "--max-model-len"
+    max_model_len_origin: str = "--max-model-len"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -253,3 +269,69 @@ class EngineConfig:
             raise ValueError(f"act_quant must be dynamic or static, got {self.act_quant}")
         if self.image_preprocess_device not in ("auto", "cpu"):
             raise ValueError(f"image_preprocess_device must be auto or cpu, got {self.image_preprocess_device}")
+
+
+MODEL_MAXIMUM = "the model's maximum"
+
+
+@dataclass
+class EngineArgs:
+    """Every engine option, as `LLM(model_dir, **kwargs)`, `serve` and `generate` take them (vLLM's names).
+    None takes the default, in one place (`create_engine_config`): an engine directory's build value,
+    else the model's own maximum (max_model_len), else the DEFAULT_* values above."""
+
+    model_dir: str
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    device: str = "auto"  # auto | cpu | cuda
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    block_size: int | None = None
+    gpu_memory_utilization: float | None = None
+    num_blocks: int | None = None  # a fixed KV cache size (blocks); None: sized from memory
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    tensor_parallel_size: int | None = None
+    seed: int = 0
+    cuda_graph_batch_sizes: tuple[int, ...] | None = None
+    num_decode_steps: int | None = None
+    quant: str | None = None  # none | int8-wo | w8a8 | fp8 (a checkpoint: at load; an engine: its build's)
+    calib_dir: str | None = None
+    act_quant: str | None = None
+    image_preprocess_device: str = "auto"
+
+    def create_engine_config(self) -> EngineConfig:
+        """The EngineConfig, defaults applied; UserError for a model directory that cannot serve, or an
+        option that contradicts an engine directory's rank files; ValueError naming a bad value."""
+        from autoglm_trt.formats.manifest import build_defaults
+
+        fixed = {"max_model_len": self.max_model_len, "max_num_seqs": self.max_num_seqs,
+                 "max_num_batched_tokens": self.max_num_batched_tokens, "block_size": self.block_size,
+                 "cuda_graph_batch_sizes": self.cuda_graph_batch_sizes,
+                 "tensor_parallel_size": self.tensor_parallel_size, "quant": self.quant, "act_quant": self.act_quant}
+        given = {k: v for k, v in fixed.items() if v is not None}
+        built = build_defaults(self.model_dir, given)  # {} for a checkpoint
+        o = {**built, **given}
+        max_len, origin = self._max_model_len(o, built)
+        seqs = o.get("max_num_seqs", DEFAULT_MAX_NUM_SEQS)
+        return EngineConfig(
+            model_dir=str(self.model_dir), dtype=self.dtype, device=self.device, enforce_eager=self.enforce_eager,
+            seed=self.seed, quant=o.get("quant", "none"), calib_dir=self.calib_dir,
+            act_quant=o.get("act_quant", "dynamic"), image_preprocess_device=self.image_preprocess_device,
+            cuda_graph_batch_sizes=tuple(o.get("cuda_graph_batch_sizes") or cuda_graph_sizes(seqs)),
+            cache=CacheConfig(o.get("block_size", DEFAULT_BLOCK_SIZE),
+                              self.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION, self.num_blocks,
+                              self.enable_prefix_caching),
+            scheduler=SchedulerConfig(max_len, seqs, o.get("max_num_batched_tokens", DEFAULT_MAX_NUM_BATCHED_TOKENS),
+                                      self.num_decode_steps),
+            parallel=ParallelConfig(o.get("tensor_parallel_size", 1)), max_model_len_origin=origin)
+
+    def _max_model_len(self, o: dict, built: dict) -> tuple[int, str]:
+        """(max_model_len, where it came from); more than the model's positions is refused."""
+        most = ModelConfig.from_dir(self.model_dir).text.max_position_embeddings
+        if "max_model_len" not in o:
+            return most, MODEL_MAXIMUM
+        if o["max_model_len"] > most:
+            raise ValueError(f"max_model_len {o['max_model_len']} is more than the model's max_position_embeddings "
+                             f"{most}")
+        return o["max_model_len"], "--max-model-len" if self.max_model_len is not None else "the engine's build"

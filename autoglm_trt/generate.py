@@ -27,8 +27,7 @@ def run_generate(model_dir: Path, prompt: str, *, images: list[Path], max_tokens
     except ValueError as exc:
         raise UserError(str(exc)) from None
     pil_images = [load_image(p) for p in images]
-    llm = LLM(str(model_dir), device=device, dtype=dtype, max_model_len=max(8192, max_tokens + 8192),
-              max_num_seqs=1, cuda_graph_batch_sizes=(1,))
+    llm = LLM(str(model_dir), device=device, dtype=dtype, max_num_seqs=1)
     request = prompt if raw else build_messages(prompt, pil_images, system)
     reason = None
     for out in llm.stream(request, params):

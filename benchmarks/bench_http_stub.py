@@ -89,11 +89,11 @@ class StubCore:
 
 
 def stub_engine(model_dir: str, core: StubCore):
-    from autoglm_trt.engine.llm import engine_config_from_kwargs
+    from autoglm_trt.config import EngineArgs
     from autoglm_trt.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(engine_config_from_kwargs(model_dir, dtype="float32", device="cpu",
-                                                 max_num_seqs=core.max_num_seqs, max_model_len=4096))
+    engine = LLMEngine(EngineArgs(model_dir, dtype="float32", device="cpu", max_num_seqs=core.max_num_seqs,
+                                  max_model_len=4096).create_engine_config())
     for name in ("add_request", "abort_request", "has_unfinished_requests", "get_stats", "step"):
         setattr(engine, name, getattr(core, name))
     return engine
@@ -101,8 +101,9 @@ def stub_engine(model_dir: str, core: StubCore):
 
 def serve_stub(model_dir: str, core: StubCore, port: int) -> None:
     """The real `autoglm-trt serve` (run_server) in this process, its engine loader swapped for the stub."""
+    from autoglm_trt.config import EngineArgs
     from autoglm_trt.serve import server
-    from autoglm_trt.serve.loader import EngineArgs, LoadReport
+    from autoglm_trt.serve.loader import LoadReport
 
     server.load_engine = lambda args: LoadReport(stub_engine(args.model_dir, core), 0.0, "stub", "stub", 0)
     server.run_server(ServerConfig(host="127.0.0.1", port=port, grpc_port=-1), EngineArgs(model_dir))

@@ -169,7 +169,8 @@ def sweep(m_list: list[int]) -> list[dict]:
 
 def make_llm(args, mode: str):
     """LLM(model_dir, quant=mode); until LLM takes `quant`, the same through LLMEngine(config, model=quantized)."""
-    from autoglm_trt.engine.llm import LLM, engine_config_from_kwargs
+    from autoglm_trt.config import EngineArgs
+    from autoglm_trt.engine.llm import LLM
 
     kw = {"dtype": "bfloat16", "max_model_len": 4608, "max_num_seqs": 64, "max_num_batched_tokens": 4096,
               "gpu_memory_utilization": args.gpu_memory_utilization}
@@ -189,7 +190,7 @@ def make_llm(args, mode: str):
     model = load_model(args.model_dir, "bfloat16", "cuda", with_vision=False, show_progress=False)
     Q.quantize_model(model, mode, load_calibration(args.calib) if args.calib and mode == "w8a8" else None)
     _free()
-    return SimpleNamespace(engine=LLMEngine(engine_config_from_kwargs(args.model_dir, **kw), model=model))
+    return SimpleNamespace(engine=LLMEngine(EngineArgs(args.model_dir, **kw).create_engine_config(), model=model))
 
 
 def engine(args) -> dict:

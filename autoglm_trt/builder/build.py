@@ -17,18 +17,19 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from autoglm_trt.builder.manifest import (EngineManifest, SourceInfo, file_entry, require_checkpoint_dir,
-                                          source_checkpoint_hash, write_config)
 from autoglm_trt.builder.options import BuildConfig, ExportConfig
 from autoglm_trt.builder.profiles import all_profiles
 from autoglm_trt.builder.progress import Steps
-from autoglm_trt.builder.shard import QuantPlan, build_model, parallel_state, plan_entries, write_rank
+from autoglm_trt.builder.shard import QuantPlan, write_rank
 from autoglm_trt.config import ModelConfig
 from autoglm_trt.errors import UserError
-from autoglm_trt.models.loader import DTYPES, checkpoint_files
+from autoglm_trt.formats.manifest import (EngineManifest, SourceInfo, file_entry, require_checkpoint_dir,
+                                          source_checkpoint_hash, write_config)
+from autoglm_trt.layers.parallel import parallel_state
+from autoglm_trt.models.checkpoint import DTYPES, build_model, checkpoint_files, plan_entries
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".engine", ".data")
 _COPY_MAX_BYTES = 64 << 20
@@ -110,6 +111,7 @@ def build_engine(model_dir: str | Path, out_dir: str | Path, cfg: BuildConfig = 
         gpu = None
     require_checkpoint_dir(model_dir)
     mcfg = ModelConfig.from_dir(model_dir)
+    cfg = replace(cfg, limits=cfg.limits.for_model(mcfg))
     files = checkpoint_files(model_dir)
     _check_limits(cfg, mcfg)
     plan, quant_record = quant_plan(cfg)

@@ -10,12 +10,11 @@ from typing import Optional
 
 import typer
 
+from autoglm_trt.config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
 from autoglm_trt.errors import UserError
 
-_GRAPH_SIZES = "1,2,4,8,16,24,32,48,64"
 
-
-def _limits(max_batch_size: int, max_seq_len: int, max_num_tokens: int, max_image_patches: int):
+def _limits(max_batch_size: int, max_seq_len: int | None, max_num_tokens: int, max_image_patches: int):
     from autoglm_trt.builder.options import ShapeLimits
 
     try:
@@ -45,9 +44,11 @@ def export_cmd(
     skip_verify: bool = typer.Option(False, "--skip-verify", help="skip the onnxruntime parity checks"),
     llm: bool = typer.Option(True, "--llm/--no-llm", help="export the text decoder"),
     vision: bool = typer.Option(True, "--vision/--no-vision", help="export the vision encoder"),
-    max_batch_size: int = typer.Option(64, help="profile max: sequences per step"),
-    max_seq_len: int = typer.Option(8192, help="profile max: past + new tokens of a sequence"),
-    max_num_tokens: int = typer.Option(8192, help="profile max: new tokens per sequence per step"),
+    max_batch_size: int = typer.Option(DEFAULT_MAX_NUM_SEQS, help="profile max: sequences per step"),
+    max_seq_len: Optional[int] = typer.Option(None, help="profile max: past + new tokens of a sequence "
+                                              "(default: the model's max_position_embeddings)"),
+    max_num_tokens: int = typer.Option(DEFAULT_MAX_NUM_BATCHED_TOKENS, help="profile max: new tokens per sequence "
+                                       "per step"),
     max_image_patches: int = typer.Option(16384, help="profile max: vision patches per call"),
 ) -> None:
     """Export the text decoder and vision encoder to ONNX, with TensorRT optimization profiles."""
@@ -75,12 +76,14 @@ def build_cmd(
                               "activations; runs on Ada/Hopper)"),
     act_quant: str = typer.Option("dynamic", help="w8a8 activations: dynamic (per token) | static (calibrated)"),
     tp: int = typer.Option(1, "--tp", help="tensor-parallel ranks (one rank{N}.safetensors each)"),
-    max_batch_size: int = typer.Option(64, help="sequences per step"),
-    max_seq_len: int = typer.Option(8192, help="prompt + generated tokens of one sequence"),
-    max_num_tokens: int = typer.Option(8192, help="tokens per step"),
+    max_batch_size: int = typer.Option(DEFAULT_MAX_NUM_SEQS, help="sequences per step"),
+    max_seq_len: Optional[int] = typer.Option(None, help="prompt + generated tokens of one sequence (default: the "
+                                              "model's max_position_embeddings)"),
+    max_num_tokens: int = typer.Option(DEFAULT_MAX_NUM_BATCHED_TOKENS, help="tokens per step"),
     max_image_patches: int = typer.Option(16384, help="vision patches per encoder call"),
-    page_size: int = typer.Option(16, help="KV-cache block size in tokens"),
-    cuda_graph_batch_sizes: str = typer.Option(_GRAPH_SIZES, help="decode batch sizes to capture, e.g. 1,2,4,8"),
+    page_size: int = typer.Option(DEFAULT_BLOCK_SIZE, help="KV-cache block size in tokens"),
+    cuda_graph_batch_sizes: Optional[str] = typer.Option(None, help="decode batch sizes to capture, e.g. 1,2,4,8 "
+                                                         "(default: the engine's buckets up to --max-batch-size)"),
     backend: str = typer.Option("torch", help="torch (default) | tensorrt (needs TensorRT and a GPU)"),
     vision_onnx: bool = typer.Option(False, "--vision-onnx", help="also export visual/model.onnx"),
     source_hash: str = typer.Option("fast", help="fast (config, index, safetensors headers) | full (all bytes)"),
@@ -92,11 +95,10 @@ def build_cmd(
 ) -> None:
     """Build an engine directory: manifest, pre-sharded (and pre-quantized) rank{N}.safetensors, tokenizer."""
     from autoglm_trt.builder.build import build_engine
-    from autoglm_trt.builder.options import BuildConfig, default_graph_sizes, parse_int_list
+    from autoglm_trt.builder.options import BuildConfig, parse_int_list
 
     try:
-        sizes = default_graph_sizes(max_batch_size) if cuda_graph_batch_sizes == _GRAPH_SIZES \
-            else parse_int_list(cuda_graph_batch_sizes) or (1,)
+        sizes = parse_int_list(cuda_graph_batch_sizes) or ()
         cfg = BuildConfig(dtype=dtype, quant=quant, act_quant=act_quant, tp=tp, page_size=page_size, cuda_graph_batch_sizes=sizes,
                           backend=backend, vision_onnx=vision_onnx, opset=opset,
                           calib_dir=str(calib) if calib else None, source_hash=source_hash,

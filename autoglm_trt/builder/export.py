@@ -13,23 +13,23 @@ Layout of OUT (TensorRT Edge-LLM's, plus a manifest):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from autoglm_trt.builder import onnx_text, onnx_vision
-from autoglm_trt.builder.manifest import file_entry, require_checkpoint_dir, source_checkpoint_hash
 from autoglm_trt.builder.onnx_io import export_graph, graph_files
 from autoglm_trt.builder.options import ExportConfig
 from autoglm_trt.builder.profiles import all_profiles
 from autoglm_trt.builder.progress import Steps
-from autoglm_trt.builder.shard import build_model, load_unit, materialize, plan_entries
 from autoglm_trt.builder.verify import ParityResult, verify_decoder, verify_vision
 from autoglm_trt.config import ModelConfig
 from autoglm_trt.errors import UserError
-from autoglm_trt.models.loader import DTYPES, checkpoint_files, load_model
+from autoglm_trt.formats.manifest import file_entry, require_checkpoint_dir, source_checkpoint_hash
+from autoglm_trt.models.checkpoint import DTYPES, build_model, checkpoint_files, load_unit, materialize, plan_entries
+from autoglm_trt.models.loader import load_model
 
 EXPORT_FORMAT, EXPORT_FORMAT_VERSION = "autoglm-trt-onnx", 1
 
@@ -54,8 +54,9 @@ def load_vision_tower(model_dir: Path, dtype: str):
     cfg = ModelConfig.from_dir(model_dir)
     model = build_model(cfg, DTYPES[dtype])
     materialize(model.visual)
-    units = plan_entries(model, checkpoint_files(model_dir))
-    load_unit(model, [e for unit, es in units.items() if unit.startswith("visual.") for e in es])
+    for unit, entries in plan_entries(model, checkpoint_files(model_dir)).items():
+        if unit.startswith("visual."):
+            load_unit(model, unit, entries)
     return model.visual.eval()
 
 
@@ -99,6 +100,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, cfg: ExportConfig = 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     require_checkpoint_dir(model_dir)
     mcfg = ModelConfig.from_dir(model_dir)
+    cfg = replace(cfg, limits=cfg.limits.for_model(mcfg))
     if check_empty:
         _check_out_dir(out_dir)
     dtype = export_dtype(cfg.dtype, mcfg)

@@ -1,6 +1,11 @@
-"""The text decoder as one ONNX-exportable function for prefill and decode, over our model's weights.
+"""The text decoder as one ONNX-exportable function for prefill and decode, over our model's own modules.
 
-Same function as Glm4vTextModel + lm_head, written with plain ops (no paged cache, no plugins):
+Same function as Glm4vTextModel + lm_head: the norms, projections, M-RoPE, MLP and LM head are the model's
+modules (their plugins take the torch reference path on the CPU, where export runs). The attention alone is
+written here, over explicit past/present KV tensors and a padding mask: NOTE the model's attention reads and
+writes the paged KV cache through block tables and slot mappings, which have no place in a standard decoder
+graph (the past/present convention of onnxruntime-genai and TensorRT); tests/builder/test_export.py holds
+the graph to the model's logits.
 
     inputs_embeds  [B, S, H]        embedding lookup happens outside (embedding.safetensors)
     position_ids   [3, B, S] int64  M-RoPE t/h/w positions; cos/sin are computed in the graph
@@ -21,36 +26,6 @@ from torch import nn
 from autoglm_trt.models.glm4v import Glm4vForConditionalGeneration
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Hugging Face RMSNorm: normalise in float32, cast back, then scale."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor,
-                  sections: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """position_ids [3, B, S] -> cos, sin [B, S, R/2]: section k of the pairs rotates by axis k % 3."""
-    freqs = position_ids.float().unsqueeze(-1) * inv_freq  # [3, B, S, R/2]
-    parts, start = [], 0
-    for k, n in enumerate(sections):
-        parts.append(freqs[k % 3, :, :, start:start + n])  # [B, S, n]
-        start += n
-    angle = torch.cat(parts, dim=-1)  # [B, S, R/2]
-    return angle.cos(), angle.sin()
-
-
-def apply_mrope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    """x [B, heads, S, D]: rotate the first rotary_dim dims in interleaved pairs (GPT-J style)."""
-    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    pairs = rot.reshape(rot.shape[0], rot.shape[1], rot.shape[2], rotary_dim // 2, 2)  # [B, h, S, R/2, 2]
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    c = cos.to(x.dtype).unsqueeze(1)  # [B, 1, S, R/2]
-    s = sin.to(x.dtype).unsqueeze(1)
-    out = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)  # [B, h, S, R]
-    return torch.cat((out, rest), dim=-1)
-
-
 def attention_bias(attention_mask: torch.Tensor, num_new: torch.Tensor) -> torch.Tensor:
     """attention_mask [B, L] (L = P + S), S -> additive bias [B, 1, 1, S, L] float32 (0 or -big)."""
     kv_len = attention_mask.shape[1]
@@ -67,50 +42,44 @@ class DecoderGraph(nn.Module):
 
     def __init__(self, model: Glm4vForConditionalGeneration) -> None:
         super().__init__()
-        t = model.cfg.text
-        self.cfg = t
-        self.layers = model.language_model.layers
-        self.norm = model.language_model.norm
+        self.cfg = model.cfg.text
+        self.text = model.language_model
         self.lm_head = model.lm_head
-        self.register_buffer("inv_freq", model.language_model.rotary.inv_freq.clone(), persistent=False)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, S, heads * D] -> [B, heads, S, D], M-RoPE applied by the model's rotary module."""
+        b, s, d = x.shape[0], x.shape[1], self.cfg.head_dim
+        x = self.text.rotary(x.reshape(b * s, -1, d), cos, sin)  # [B*S, heads, D]
+        return x.reshape(b, s, -1, d).transpose(1, 2)
 
     def attention(self, attn, x, cos, sin, bias, past_k, past_v):
         """x [B, S, H] -> out [B, S, H], present k/v [B, kvH, P+S, D]."""
         b, s = x.shape[0], x.shape[1]
-        t, hq, hkv = self.cfg, attn.num_heads, attn.num_kv_heads
-        d = t.head_dim
-        qkv = F.linear(x, attn.qkv_proj.weight, attn.qkv_proj.bias)  # [B, S, (H + 2 kvH) D]
-        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-        q = apply_mrope(q.reshape(b, s, hq, d).transpose(1, 2), cos, sin, t.rotary_dim)  # [B, H, S, D]
-        k = apply_mrope(k.reshape(b, s, hkv, d).transpose(1, 2), cos, sin, t.rotary_dim)  # [B, kvH, S, D]
-        v = v.reshape(b, s, hkv, d).transpose(1, 2)
+        hq, hkv, d = attn.num_heads, attn.num_kv_heads, self.cfg.head_dim
+        q, k, v = attn.qkv_proj(x).split([hq * d, hkv * d, hkv * d], dim=-1)  # [B, S, (H + 2 kvH) D]
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)  # [B, H, S, D], [B, kvH, S, D]
         k = torch.cat((past_k, k), dim=2)  # [B, kvH, L, D]
-        v = torch.cat((past_v, v), dim=2)
+        v = torch.cat((past_v, v.reshape(b, s, hkv, d).transpose(1, 2)), dim=2)
         q5 = q.reshape(b, hkv, hq // hkv, s, d).float()  # [B, kvH, G, S, D]: head h reads kv head h // G
         scores = torch.matmul(q5, k.float().unsqueeze(2).transpose(-1, -2)) * (d ** -0.5)  # [B, kvH, G, S, L]
         probs = torch.softmax(scores + bias, dim=-1)
         out = torch.matmul(probs, v.float().unsqueeze(2)).to(x.dtype)  # [B, kvH, G, S, D]
         out = out.reshape(b, hq, s, d).transpose(1, 2).reshape(b, s, hq * d)
-        return F.linear(out, attn.o_proj.weight, attn.o_proj.bias), k, v
+        return attn.o_proj(out), k, v
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 *past: torch.Tensor):
-        t = self.cfg
-        eps = t.rms_norm_eps
-        cos, sin = mrope_cos_sin(position_ids, self.inv_freq, t.mrope_section)  # [B, S, R/2]
-        bias = attention_bias(attention_mask, inputs_embeds.shape[1])  # [B, 1, 1, S, L]
+        b, s = inputs_embeds.shape[0], inputs_embeds.shape[1]
+        cos, sin = self.text.rotary.cos_sin(position_ids.reshape(3, b * s))  # [B*S, R/2]
+        bias = attention_bias(attention_mask, s)  # [B, 1, 1, S, L]
         x, presents = inputs_embeds, []
-        for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.input_layernorm.weight, eps)
-            a, k, v = self.attention(layer.self_attn, h, cos, sin, bias, past[2 * i], past[2 * i + 1])
-            x = x + rms_norm(a, layer.post_self_attn_layernorm.weight, eps)
-            h = rms_norm(x, layer.post_attention_layernorm.weight, eps)
-            gate, up = F.linear(h, layer.mlp.gate_up_proj.weight).chunk(2, dim=-1)  # [B, S, I] each
-            m = F.linear(F.silu(gate) * up, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
-            x = x + rms_norm(m, layer.post_mlp_layernorm.weight, eps)
+        for i, layer in enumerate(self.text.layers):
+            a, k, v = self.attention(layer.self_attn, layer.input_layernorm(x), cos, sin, bias, past[2 * i],
+                                     past[2 * i + 1])
+            x = x + layer.post_self_attn_layernorm(a)
+            x = x + layer.post_mlp_layernorm(layer.mlp(layer.post_attention_layernorm(x)))
             presents += [k, v]
-        x = rms_norm(x, self.norm.weight, eps)
-        logits = F.linear(x, self.lm_head.weight[: t.vocab_size]).float()  # [B, S, V]
+        logits = F.linear(self.text.norm(x), self.lm_head.weight[: self.cfg.vocab_size]).float()  # [B, S, V]
         return (logits, *presents)
 
 

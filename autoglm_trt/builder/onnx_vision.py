@@ -8,6 +8,12 @@
 
 Rotary cos/sin, the bicubic-resized position table (GridSample) and the block-diagonal attention mask
 are computed in the graph from these; `vision_graph_inputs(grid_thw)` makes them for a runtime.
+
+The norms, projections, rotary tables, MLPs and patch merger are the tower's own modules. Written here, and
+why: NOTE the tower takes its images' grids as a Python list (geometry per grid, cached; attention as one
+SDPA call per image, rotary in place through a plugin), which a graph over any number of images of any size
+cannot hold; so the position-table resampling and the attention over `segment_ids` are tensor ops here, and
+tests/builder/test_export.py holds the graph to the tower's output.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoglm_trt.builder.onnx_text import rms_norm
 from autoglm_trt.models.glm4v_vision import Glm4vVisionModel, vision_position_ids
 
 INPUT_NAMES = ["pixel_values", "patch_pos", "patch_grid", "segment_ids"]
@@ -40,13 +45,6 @@ class VisionGraph(nn.Module):
         super().__init__()
         self.visual = visual
         self.cfg = visual.cfg
-        self.register_buffer("inv_freq", visual.rotary.inv_freq.clone(), persistent=False)
-
-    def rotary(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos [N, 2] -> cos, sin [N, 1, head_dim] laid out [h, w, h, w] (VisionRotaryEmbedding)."""
-        half = (pos.float().unsqueeze(-1) * self.inv_freq).flatten(1)  # [N, head_dim / 2]
-        angle = torch.cat((half, half), dim=-1).unsqueeze(1)
-        return angle.cos(), angle.sin()
 
     def position_embeddings(self, pos: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """Bicubic sample of the learned position table at each patch's centre -> [N, C]."""
@@ -61,16 +59,13 @@ class VisionGraph(nn.Module):
     def block(self, blk, x, cos, sin, bias):
         c = self.cfg
         n = x.shape[0]
-        h = rms_norm(x, blk.norm1.weight, blk.norm1.eps)
-        qkv = F.linear(h, blk.attn.qkv.weight, blk.attn.qkv.bias).reshape(n, 3, c.num_heads, c.head_dim)
+        qkv = blk.attn.qkv(blk.norm1(x)).reshape(n, 3, c.num_heads, c.head_dim)
         q, k, v = qkv.unbind(1)  # [N, heads, D] each
         q, k = (self._rotate(t, cos, sin).transpose(0, 1) for t in (q, k))  # [heads, N, D] float32
         scores = torch.matmul(q, k.transpose(1, 2)) * (c.head_dim ** -0.5) + bias  # [heads, N, N]
         out = torch.matmul(torch.softmax(scores, dim=-1), v.float().transpose(0, 1)).to(x.dtype)
-        x = x + F.linear(out.transpose(0, 1).reshape(n, c.hidden_size), blk.attn.proj.weight, blk.attn.proj.bias)
-        h = rms_norm(x, blk.norm2.weight, blk.norm2.eps)
-        mlp = blk.mlp
-        return x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        x = x + blk.attn.proj(out.transpose(0, 1).reshape(n, c.hidden_size))
+        return x + blk.mlp(blk.norm2(x))
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -82,20 +77,17 @@ class VisionGraph(nn.Module):
         vis, c = self.visual, self.cfg
         m = c.spatial_merge_size
         conv = vis.patch_embed.proj
+        # NOTE: the patch Conv3d's kernel equals its stride: one matmul over flattened patches, as the tower does
         x = F.linear(pixel_values.to(conv.weight.dtype), conv.weight.flatten(1), conv.bias)  # [N, C_v]
-        x = rms_norm(x, vis.post_conv_layernorm.weight, vis.post_conv_layernorm.eps)
-        x = x + self.position_embeddings(patch_pos, patch_grid)
-        cos, sin = self.rotary(patch_pos)
+        x = vis.post_conv_layernorm(x) + self.position_embeddings(patch_pos, patch_grid)
+        cos, sin = (t.unsqueeze(1) for t in vis.rotary.cos_sin(patch_pos))  # [N, 1, head_dim]
         same = segment_ids.unsqueeze(0) == segment_ids.unsqueeze(1)  # [N, N]
         bias = torch.where(same, torch.zeros((), dtype=torch.float32), torch.full((), -1e30, dtype=torch.float32))
         for blk in vis.blocks:
             x = self.block(blk, x, cos, sin, bias)
-        x = rms_norm(x, vis.post_layernorm.weight, vis.post_layernorm.eps)
-        x = x.reshape(-1, m, m, c.hidden_size).permute(0, 3, 1, 2)  # [N/m^2, C_v, m, m]
-        x = F.conv2d(x, vis.downsample.weight, vis.downsample.bias, stride=m).reshape(-1, c.out_hidden_size)
-        merger = vis.merger
-        x = F.gelu(merger.post_projection_norm(merger.proj(x)))
-        return merger.down_proj(F.silu(merger.gate_proj(x)) * merger.up_proj(x))
+        x = vis.post_layernorm(x).reshape(-1, m, m, c.hidden_size).permute(0, 3, 1, 2)  # [N/m^2, C_v, m, m]
+        x = vis.downsample(x).reshape(-1, c.out_hidden_size)  # [N/m^2, out_hidden]
+        return vis.merger(x)  # [N/m^2, out_hidden]
 
 
 def vision_example_inputs(visual: Glm4vVisionModel, grid_thw=((1, 4, 6), (1, 2, 2))) -> tuple:

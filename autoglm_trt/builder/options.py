@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-from autoglm_trt.config import QUANT_MODES
+from autoglm_trt.config import (BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS,
+                                QUANT_MODES, ModelConfig, cuda_graph_sizes)
 
 DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
                  "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
 BACKENDS = ("torch", "tensorrt")
-PAGE_SIZES = (8, 16, 32, 64, 128)
+PAGE_SIZES = BLOCK_SIZES
 
 
 def normalize_dtype(name: str, allow_auto: bool = False) -> str:
@@ -34,20 +35,25 @@ def parse_int_list(raw: str | None) -> tuple[int, ...] | None:
 
 @dataclass(frozen=True)
 class ShapeLimits:
-    """The largest shapes an engine serves (they become the max of every optimization profile)."""
+    """The largest shapes an engine serves (they become the max of every optimization profile, and the
+    engine directory's defaults for the runtime: config.py's defaults, as a checkpoint gets them)."""
 
-    max_batch_size: int = 64  # sequences in one step
-    max_seq_len: int = 8192  # prompt + generated tokens of one sequence
-    max_num_tokens: int = 8192  # tokens in one step (chunked prefill splits longer prompts)
+    max_batch_size: int = DEFAULT_MAX_NUM_SEQS  # sequences in one step
+    max_seq_len: int | None = None  # prompt + generated tokens of one sequence; None: the model's maximum
+    max_num_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS  # tokens in one step (chunked prefill splits longer prompts)
     max_image_patches: int = 16384  # vision patches in one encoder call (16384 = a 1792x1792 image)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "max_image_patches"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_image_patches < 4 or self.max_image_patches % 4:
             raise ValueError(f"max_image_patches must be a multiple of 4 (2x2 merge) and >= 4, got "
                              f"{self.max_image_patches}")
+
+    def for_model(self, cfg: ModelConfig) -> "ShapeLimits":
+        """max_seq_len left open -> the model's max_position_embeddings."""
+        return self if self.max_seq_len is not None else replace(self, max_seq_len=cfg.text.max_position_embeddings)
 
 
 @dataclass(frozen=True)
@@ -74,8 +80,8 @@ class BuildConfig:
     quant: str = "none"  # none | int8-wo (weight-only INT8) | w8a8 (INT8 weights and activations)
     act_quant: str = "dynamic"  # w8a8 activation scales: dynamic (per token) | static (per tensor, calibrated)
     tp: int = 1  # tensor-parallel ranks: one rank{N}.safetensors each
-    page_size: int = 16  # KV-cache block size (tokens)
-    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+    page_size: int = DEFAULT_BLOCK_SIZE  # KV-cache block size (tokens)
+    cuda_graph_batch_sizes: tuple[int, ...] = ()  # () -> config.cuda_graph_sizes(limits.max_batch_size)
     backend: str = "torch"  # torch (our runtime) | tensorrt (also compile .engine files; needs TensorRT)
     vision_onnx: bool = False  # also export the vision encoder as visual/model.onnx
     opset: int = 17
@@ -99,7 +105,7 @@ class BuildConfig:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.source_hash not in ("fast", "full"):
             raise ValueError(f"source_hash must be fast or full, got {self.source_hash!r}")
-        sizes = tuple(sorted(set(self.cuda_graph_batch_sizes)))
+        sizes = tuple(sorted(set(self.cuda_graph_batch_sizes or cuda_graph_sizes(self.limits.max_batch_size))))
         bad = [b for b in sizes if not 1 <= b <= self.limits.max_batch_size]
         if bad:
             raise ValueError(f"cuda_graph_batch_sizes must lie in [1, max_batch_size={self.limits.max_batch_size}], "
@@ -108,9 +114,3 @@ class BuildConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def default_graph_sizes(max_batch_size: int) -> tuple[int, ...]:
-    """The engine's default CUDA-graph batch sizes, cut at max_batch_size."""
-    sizes = tuple(b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64) if b <= max_batch_size)
-    return sizes if max_batch_size in sizes or max_batch_size > 64 else sizes + (max_batch_size,)

@@ -9,31 +9,16 @@ offsets, and drop it. Peak memory is about two units (the largest: the 1.2 GB em
 
 from __future__ import annotations
 
-from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from autoglm_trt.builder.safetensors_io import SafetensorsWriter
 from autoglm_trt.config import ModelConfig
-from autoglm_trt.errors import UserError
-from autoglm_trt.layers import parallel
-from autoglm_trt.layers.linear import default_weight_loader
-from autoglm_trt.models.glm4v import Glm4vForConditionalGeneration
-from autoglm_trt.models.loader import hf_to_ours, resolve_param
-
-
-@dataclass(frozen=True)
-class LoadEntry:
-    key: str  # checkpoint tensor name
-    file: Path  # the safetensors file holding it
-    target: str  # our parameter name
-    shard: str | None  # packed-module shard id ("q", "k", "v") or None
+from autoglm_trt.formats.safetensors_io import SafetensorsWriter
+from autoglm_trt.models.checkpoint import build_model, load_unit, materialize, plan_entries
 
 
 @dataclass
@@ -45,104 +30,9 @@ class QuantPlan:
     calibration: object | None = None  # calibration.CalibrationResult (SmoothQuant statistics), or None
 
 
-@contextmanager
-def parallel_state(rank: int, world: int):
-    """Set the tensor-parallel state for building one rank; restore the caller's afterwards."""
-    saved = parallel._STATE  # NOTE: read to restore exactly (group included); layers/parallel has no getter
-    parallel.set_parallel_state(rank, world)
-    try:
-        yield
-    finally:
-        parallel.set_parallel_state(saved.rank, saved.world_size, saved.group)
-
-
-def build_model(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "meta",
-                with_vision: bool = True) -> Glm4vForConditionalGeneration:
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            return Glm4vForConditionalGeneration(cfg, with_vision=with_vision)
-    except ValueError as exc:  # a size that does not divide by the tensor-parallel size
-        raise UserError(f"this model cannot be split {parallel.get_tp_size()} ways: {exc}") from None
-    finally:
-        torch.set_default_dtype(default)
-
-
-def unit_of(model: nn.Module, name: str) -> str:
-    """The unit a parameter belongs to: `language_model.layers.3`, `visual.blocks.0`, `lm_head`, ..."""
-    parts = name.split(".")[:-1]
-    head = ".".join(parts[:2])
-    if len(parts) > 2 and isinstance(model.get_submodule(head), nn.ModuleList):
-        return ".".join(parts[:3])
-    return head
-
-
-def plan_entries(model: nn.Module, files: list[Path]) -> dict[str, list[LoadEntry]]:
-    """unit -> the checkpoint tensors it loads, from the safetensors headers only (no tensor data)."""
-    params = dict(model.named_parameters())
-    units: dict[str, list[LoadEntry]] = defaultdict(list)
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-        for key in keys:
-            name = hf_to_ours(key)
-            if name.startswith("visual.") and getattr(model, "visual", None) is None:
-                continue
-            target, shard = resolve_param(model, name)
-            if target not in params:
-                if "rotary" in name or name.endswith("inv_freq"):
-                    continue
-                raise UserError(f"checkpoint tensor {key!r} has no place in a GLM-4.1V model: wrong checkpoint?")
-            units[unit_of(model, target)].append(LoadEntry(key, path, target, shard))
-    return dict(units)
-
-
-def materialize(module: nn.Module, device: str | torch.device = "cpu") -> None:
-    """Give a meta module real (uninitialised) storage, keeping each parameter's attributes (weight_loader)."""
-    for sub in module.modules():
-        for pname, p in list(sub._parameters.items()):
-            if p is not None and p.is_meta:
-                new = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=False)
-                new.__dict__.update(p.__dict__)
-                sub._parameters[pname] = new
-        for bname, b in list(sub._buffers.items()):
-            if b is not None and b.is_meta:
-                sub._buffers[bname] = torch.empty(b.shape, dtype=b.dtype, device=device)
-
-
 def release(module: nn.Module) -> None:
     """Drop a unit's storage again (back to meta) once it is written."""
     module.to_empty(device="meta")
-
-
-def load_unit(model: nn.Module, entries: list[LoadEntry]) -> None:
-    """Read this unit's checkpoint tensors and hand each to its parameter's weight_loader."""
-    params = dict(model.named_parameters())
-    by_file: dict[Path, list[LoadEntry]] = defaultdict(list)
-    for e in entries:
-        by_file[e.file].append(e)
-    for path, group in by_file.items():
-        with safe_open(str(path), framework="pt") as f:
-            for e in group:
-                param = params[e.target]
-                loader = getattr(param, "weight_loader", default_weight_loader)
-                tensor = f.get_tensor(e.key).to(param.dtype)
-                try:
-                    loader(param, tensor, e.shard) if e.shard else loader(param, tensor)
-                except ValueError as exc:
-                    raise UserError(f"checkpoint tensor {e.key!r}: {exc}") from None
-                del tensor
-
-
-def check_unit_complete(unit: nn.Module, prefix: str, entries: list[LoadEntry], packed: dict) -> None:
-    seen = {(e.target, e.shard) for e in entries}
-    for name, _ in unit.named_parameters(prefix=prefix):
-        shards = [s for d, s in packed.values() if f".{d}." in name] or [None]
-        missing = [s for s in shards if (name, s) not in seen]
-        if missing:
-            label = f"{name} ({missing[0]})" if missing[0] else name
-            raise UserError(f"checkpoint is missing {label}: incomplete download?")
 
 
 _CALIB_DICTS = ("channel_amax", "act_amax", "act_scales", "smooth_scales", "smoothed_amax")
@@ -185,12 +75,13 @@ def quantize_unit(unit: nn.Module, prefix: str, plan: QuantPlan) -> None:
 
 
 def planned_specs(cfg: ModelConfig, dtype: torch.dtype, plan: QuantPlan) -> dict[str, tuple[torch.dtype, tuple]]:
-    """name -> (dtype, shape) of every tensor of this rank's file, from a meta model (prepared for INT8)."""
+    """name -> (dtype, shape) of every tensor of this rank's file: the quantization transform run on a meta
+    model lays out exactly what quantize_unit will write (and what the engine loader will read)."""
     model = build_model(cfg, dtype)
     if plan.mode != "none":
-        from autoglm_trt.layers.quant import prepare_quantized_model
+        from autoglm_trt.layers.quant import quantize_model
 
-        prepare_quantized_model(model, plan.mode, act_quant=plan.act_quant, lm_head=True)
+        quantize_model(model, plan.mode, act_quant=plan.act_quant, lm_head=True)
     return {n: (t.dtype, tuple(t.shape)) for n, t in model.state_dict().items()}
 
 
@@ -200,16 +91,11 @@ def write_rank(cfg: ModelConfig, files: list[Path], out_path: Path, dtype: torch
     specs = planned_specs(cfg, dtype, plan)
     model = build_model(cfg, dtype)
     units = plan_entries(model, files)
-    packed = getattr(model, "packed_modules", {})
-    missing = sorted({unit_of(model, n) for n, _ in model.named_parameters()} - set(units))
-    if missing:
-        raise UserError(f"checkpoint has no tensors for {missing[0]}: incomplete download?")
     with SafetensorsWriter(out_path, specs, metadata) as writer:
         for prefix, entries in units.items():
             unit = model.get_submodule(prefix)
             materialize(unit)
-            load_unit(model, entries)
-            check_unit_complete(unit, prefix, entries, packed)
+            load_unit(model, prefix, entries)
             if plan.mode != "none":
                 quantize_unit(unit, prefix, plan)
             for name, tensor in unit.state_dict(prefix=f"{prefix}.").items():

@@ -14,43 +14,18 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from autoglm_trt.calibration.names import onnx_input_name, onnx_smoothed_input_name
 from autoglm_trt.errors import UserError
+from autoglm_trt.formats.calibration import FORMAT_VERSION, SUMMARY_FILE, CalibrationResult, load_calibration  # noqa: F401 (re-exported)
 
-FORMAT_VERSION = 1
 CACHE_FILE = "calibration.cache"
-SUMMARY_FILE = "summary.json"
 DEFAULT_TRT_VERSION = "10.0.0"  # NOTE: the header only; pass the installed TensorRT's version when known
 _ALGOS = {"entropy": "EntropyCalibration2", "percentile": "EntropyCalibration2", "max": "MinMaxCalibration"}
-
-
-@dataclass
-class CalibrationResult:
-    method: str  # max | percentile | entropy
-    act_amax: dict[str, Tensor]  # key -> [] per-tensor amax of the linear's input
-    smoothed_amax: dict[str, Tensor]  # key -> [] per-tensor amax of x / s (the SmoothQuant input)
-    channel_amax: dict[str, Tensor]  # key -> [K] max |x| per input channel (over all tokens)
-    smooth_scales: dict[str, Tensor]  # key -> [K] s: x / s, W * s
-    smooth_alpha: float = 0.5
-    percentile: float = 99.99
-    num_samples: int = 0
-    num_tokens: int = 0
-    info: dict = field(default_factory=dict)  # model_dir, dataset, ... (summary.json)
-
-    @property
-    def act_scales(self) -> dict[str, Tensor]:
-        """Per-tensor INT8 scales (amax / 127) of the linear inputs: TensorRT's meaning of a scale."""
-        return {k: v / 127.0 for k, v in self.act_amax.items()}
-
-    @property
-    def smoothed_act_scales(self) -> dict[str, Tensor]:
-        return {k: v / 127.0 for k, v in self.smoothed_amax.items()}
 
 
 # ---- TensorRT calibration cache ------------------------------------------------------------------
@@ -132,31 +107,6 @@ def layer_summary(result: CalibrationResult) -> dict[str, dict]:
                      "smoothed_amax": round(float(result.smoothed_amax[key]), 6),
                      "channel_outlier_ratio": round(float(ch.max()) / med, 3) if med > 0 else None}
     return rows
-
-
-def load_calibration(calib_dir: str | Path) -> CalibrationResult:
-    """Read a directory written by `autoglm-trt calibrate` (or save_calibration)."""
-    d = Path(calib_dir)
-    summary_path = d / SUMMARY_FILE
-    if not summary_path.is_file():
-        raise UserError(f"{d} is not a calibration directory (no {SUMMARY_FILE}); run `autoglm-trt calibrate`")
-    summary = json.loads(summary_path.read_text())
-    if summary.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{d} has calibration format {summary.get('format_version')}, this version reads "
-                        f"{FORMAT_VERSION}: run `autoglm-trt calibrate` again")
-    try:
-        tensors = [load_file(str(d / f"{n}.safetensors")) for n in
-                   ("act_amax", "smoothed_act_amax", "channel_amax", "smooth_scales")]
-    except (OSError, RuntimeError) as exc:
-        raise UserError(f"{d}: cannot read the statistics ({exc}); run `autoglm-trt calibrate` again") from None
-    act, smoothed, channel, smooth = tensors
-    info_keys = ("model_dir", "dataset", "device", "dtype", "max_pixels")
-    return CalibrationResult(
-        method=summary["method"], act_amax={k: v.reshape(()) for k, v in act.items()},
-        smoothed_amax={k: v.reshape(()) for k, v in smoothed.items()}, channel_amax=channel,
-        smooth_scales=smooth, smooth_alpha=float(summary["smooth_alpha"]),
-        percentile=float(summary.get("percentile", 99.99)), num_samples=int(summary.get("num_samples", 0)),
-        num_tokens=int(summary.get("num_tokens", 0)), info={k: summary[k] for k in info_keys if k in summary})
 
 
 def update_summary(calib_dir: str | Path, **fields) -> None:

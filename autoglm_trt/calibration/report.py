@@ -16,13 +16,7 @@ import torch.nn.functional as F
 
 from autoglm_trt.calibration.cache import load_calibration
 from autoglm_trt.calibration.runner import resolve_device
-from autoglm_trt.calibration.samples import (
-    HELDOUT_DATASET,
-    HELDOUT_TEXT,
-    encode,
-    forward,
-    load_samples,
-)
+from autoglm_trt.calibration.samples import HELDOUT_DATASET, HELDOUT_TEXT, encode, forward, load_samples
 from autoglm_trt.layers.quant import quantize_model
 from autoglm_trt.processing.inputs import InputProcessor
 
@@ -127,7 +121,7 @@ def engine_accuracy_report(model_dir: str | Path, engine_dir: str | Path, *, dev
     """A built tp-1 engine (its pre-quantized rank0.safetensors, as `serve` loads it) vs the checkpoint it was
     built from, read in the float dtype the engine loads in, so that only quantization differs. The calibration
     prompts are the engine's calibration/ set when it has one, else the shipped set."""
-    from autoglm_trt.builder.manifest import read_manifest
+    from autoglm_trt.formats.manifest import read_manifest
     from autoglm_trt.models.loader import load_model
 
     manifest = read_manifest(engine_dir)

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from autoglm_trt.config import EngineConfig, ModelConfig
 from autoglm_trt.engine.batch import ModelStep
 from autoglm_trt.engine.distributed import (DistInit, StepMessage, TensorParallelError, TPGroups, abort_group,
-                                            destroy_distributed, init_distributed, send_message,
-                                            set_step_channel, startup_timeout_s)
+                                            destroy_distributed, init_distributed, send_message, set_step_channel,
+                                            startup_timeout_s)
 from autoglm_trt.engine.outputs import StepFuture
 from autoglm_trt.errors import UserError
 from autoglm_trt.utils.logging import log
@@ -43,7 +43,7 @@ def _rebuild_hint(model_dir: str | None, tp: int, gpus: int) -> str:
     """For an engine directory built for `tp` ranks: what to rebuild it with on this machine ('' otherwise)."""
     from dataclasses import asdict
 
-    from autoglm_trt.builder.manifest import is_engine_dir, read_manifest, rebuild_command
+    from autoglm_trt.formats.manifest import is_engine_dir, read_manifest, rebuild_command
 
     if model_dir is None or not is_engine_dir(model_dir):
         return ""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from autoglm_trt.config import EngineConfig, ModelConfig
+from autoglm_trt.config import MODEL_MAXIMUM, EngineConfig, ModelConfig
 from autoglm_trt.engine.batch import prepare_step
 from autoglm_trt.engine.executor import shutdown_on_error, start_executor
 from autoglm_trt.engine.output_processor import OutputProcessor
@@ -73,6 +73,7 @@ class LLMEngine:
             apply_quantization(self.model, config.quant, config.calib_dir, config.act_quant)
             self.load_seconds = time.perf_counter() - t0
             self.runner = self.executor.build_runner(self.model, self.model_config, config)  # rank 0's
+        self._fit_max_model_len()
         self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_blocks,
                                    eos_token_ids=self.tokenizer.eos_token_ids or self.model_config.eos_token_ids,
                                    max_window_rows=self.runner.max_window_rows)
@@ -87,6 +88,17 @@ class LLMEngine:
     def kv_capacity_tokens(self) -> int:
         return self.runner.num_blocks * self.config.cache.block_size
 
+    def _fit_max_model_len(self) -> None:
+        """Left to the engine, max_model_len is the model's maximum lowered to what the KV cache holds (as
+        vLLM does); the log says which and why."""
+        sched, cap = self.config.scheduler, self.kv_capacity_tokens
+        if self.config.max_model_len_origin == MODEL_MAXIMUM and cap < sched.max_model_len:
+            log(f"max-model-len {cap}: the model's maximum is {sched.max_model_len}, but the KV cache holds {cap} "
+                "tokens here (more needs gpu_memory_utilization, INT8/FP8 weights or tensor parallelism)")
+            sched.max_model_len = cap
+        else:
+            log(f"max-model-len {sched.max_model_len} ({self.config.max_model_len_origin})")
+
     # ---- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams) -> None:
         n, limit = len(prompt.prompt_token_ids), self.config.scheduler.max_model_len
@@ -94,7 +106,7 @@ class LLMEngine:
             raise RequestError(f"this request needs {n} prompt tokens + max_tokens {params.max_tokens} = "
                                f"{n + params.max_tokens} tokens, but max_model_len is {limit}; shorten the "
                                "prompt or lower max_tokens", param="max_tokens")
-        seq = Sequence.from_prompt(request_id, prompt, params, self.model_config.image_token_id)
+        seq = Sequence.from_prompt(request_id, prompt, params)
         self.scheduler.add(seq)
         self.output.add(seq)
 

@@ -30,25 +30,6 @@ FINISH_STATUS = {"stop": SequenceStatus.FINISHED_STOPPED, "length": SequenceStat
                  "abort": SequenceStatus.FINISHED_ABORTED}
 
 
-def find_image_spans(token_ids: SequenceLike[int], image_token_id: int,
-                     content_hashes: SequenceLike[str]) -> list[ImageSpan]:
-    """Spans of the runs of `image_token_id` in `token_ids`, paired in order with `content_hashes`."""
-    runs: list[tuple[int, int]] = []
-    start = None
-    for i, tok in enumerate(token_ids):
-        if tok == image_token_id and start is None:
-            start = i
-        elif tok != image_token_id and start is not None:
-            runs.append((start, i))
-            start = None
-    if start is not None:
-        runs.append((start, len(token_ids)))
-    if len(runs) != len(content_hashes):
-        raise ValueError(f"prompt has {len(runs)} runs of image token {image_token_id} but "
-                         f"{len(content_hashes)} images")
-    return [(s, e, h) for (s, e), h in zip(runs, content_hashes)]
-
-
 def _check_spans(spans: list[ImageSpan], num_prompt_tokens: int) -> None:
     prev_end = 0
     for start, end, _ in spans:
@@ -91,12 +72,11 @@ class Sequence:
 
     @classmethod
     def from_prompt(cls, request_id: str, prompt: Any, params: SamplingParams | None,
-                    image_token_id: int, arrival_time: float | None = None) -> "Sequence":
-        """Build from a `processing.ProcessedPrompt` (prompt_token_ids, images, mrope_positions/delta)."""
-        hashes = [img.content_hash for img in prompt.images]
-        spans = find_image_spans(prompt.prompt_token_ids, image_token_id, hashes) if hashes else []
+                    arrival_time: float | None = None) -> "Sequence":
+        """Build from a `processing.ProcessedPrompt` (prompt_token_ids, images and their image_spans,
+        mrope_positions/delta)."""
         return cls(request_id, prompt.prompt_token_ids, params, images=prompt.images,
-                   image_spans=spans, mrope_positions=prompt.mrope_positions,
+                   image_spans=prompt.image_spans, mrope_positions=prompt.mrope_positions,
                    mrope_delta=prompt.mrope_delta, arrival_time=arrival_time)
 
     def __repr__(self) -> str:

@@ -57,14 +57,6 @@ class LinearBase(nn.Module):
         return plugins.linear(x, self.weight, self.bias)
 
 
-class ReplicatedLinear(LinearBase):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        super().__init__(in_features, out_features, bias, tp_dim=None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x)
-
-
 class ColumnParallelLinear(LinearBase):
     """Output features split over ranks; the output stays sharded."""
 

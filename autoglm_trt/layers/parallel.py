@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,17 @@ _STATE = ParallelState()
 def set_parallel_state(rank: int, world_size: int, group: object | None = None) -> None:
     global _STATE
     _STATE = ParallelState(rank, world_size, group)
+
+
+@contextmanager
+def parallel_state(rank: int, world: int):
+    """Set the tensor-parallel state while building one rank's model; restore the caller's afterwards."""
+    saved = _STATE
+    set_parallel_state(rank, world)
+    try:
+        yield
+    finally:
+        set_parallel_state(saved.rank, saved.world_size, saved.group)
 
 
 def get_tp_rank() -> int:

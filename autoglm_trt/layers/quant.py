@@ -148,14 +148,6 @@ def quantize_lm_head(head: nn.Module) -> None:
         head.weight_scale = nn.Parameter(scale.to(q.device), requires_grad=False)
 
 
-def _prepare_lm_head(head: nn.Module) -> None:
-    """Empty int8 weight + scales in the LM head's shape, for a quantized state_dict to load into."""
-    rows, dim = head.weight.shape
-    dev = head.weight.device
-    head.weight = nn.Parameter(torch.empty(rows, dim, dtype=torch.int8, device=dev), requires_grad=False)
-    head.weight_scale = nn.Parameter(torch.empty(rows, device=dev), requires_grad=False)
-
-
 class Fp8Method:
     name = "fp8"
 
@@ -292,44 +284,53 @@ def _calibration_inputs(act_scales, smooth_alpha: float) -> tuple[dict | None, d
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str, act_scales=None, smooth_alpha: float = 0.5, *,
                    act_quant: str = "dynamic", lm_head: bool = True) -> None:
-    """Quantize the decoder linears (and the LM head, weight-only, unless lm_head=False) in place, after
-    tensor-parallel sharding; see the module docstring.
+    """The one quantization transform: the decoder linears (and the LM head, weight-only, unless
+    lm_head=False) in place, after tensor-parallel sharding; see the module docstring.
 
     act_scales: a calibration.CalibrationResult, or {linear key: per-input-channel amax [K]} (any key prefix
     before 'layers.'). Used by "w8a8" only: without it, W8A8 runs without smoothing (dynamic only).
+    The build runs it on each rank's float weights; loading a checkpoint with a quant mode runs it on the
+    loaded model; loading an engine directory runs it on a meta-device model, where it only lays out the
+    quantized parameters (no numbers exist there, so no calibration is needed) that the rank file fills.
     """
     _check_mode(mode, act_quant)
+    meta = next(model.parameters()).is_meta
     amax, scales, static_amax = _calibration_inputs(act_scales, smooth_alpha)
     if mode == "w8a8" and amax is not None:
         if scales is None:
             scales = compute_smooth_scales(model, amax, smooth_alpha)
         apply_smoothing(model, scales)
-    if mode == "w8a8" and act_quant == "static" and amax is None:
+    if mode == "w8a8" and act_quant == "static" and amax is None and not meta:
         raise ValueError("act_quant='static' needs calibration statistics (act_scales)")
     scales = {canonical_key(k): v for k, v in (scales or {}).items()}
     amax = {canonical_key(k): v for k, v in (amax or {}).items()}
     if mode == "fp8":
         fp8.check_device(next(model.parameters()).device)
     for key, lin in decoder_linears(model):
-        q, w_scale = (fp8.quantize_weight if mode == "fp8" else quantize_weight)(lin.weight)
-        lin.weight = nn.Parameter(q, requires_grad=False)
-        lin.weight_scale = nn.Parameter(w_scale.to(q.device), requires_grad=False)
-        if mode in _PLAIN_METHODS:
-            lin.quant_method = _PLAIN_METHODS[mode]()
-            continue
-        if key.endswith("o_proj") and not hasattr(lin, "smooth_scale"):
-            lin.smooth_scale = nn.Parameter(torch.ones(lin.in_features, device=q.device), requires_grad=False)
-        if act_quant == "static":
-            a = _static_amax(key, lin, amax, scales, static_amax)
-            lin.input_scale = nn.Parameter((a.float().clamp(min=_EPS) / 127.0).reshape(1).to(q.device),
-                                           requires_grad=False)
-        lin.quant_method = W8A8Method(static=act_quant == "static")
+        _quantize_linear(key, lin, mode, act_quant, amax, scales, static_amax)
     head = getattr(model, "lm_head", None) if lm_head else None  # NOTE: the builder's one-layer holders have none
     if head is not None:
         quantize_lm_head(head)
     model.quant_config = {"mode": mode, "act_quant": act_quant if mode == "w8a8" else None,
                           "smooth_alpha": smooth_alpha if mode == "w8a8" and scales else None,
                           "lm_head": "int8" if head is not None else None}
+
+
+def _quantize_linear(key: str, lin: LinearBase, mode: str, act_quant: str, amax: dict, scales: dict,
+                     static_amax: dict | None) -> None:
+    q, w_scale = (fp8.quantize_weight if mode == "fp8" else quantize_weight)(lin.weight)
+    lin.weight = nn.Parameter(q, requires_grad=False)
+    lin.weight_scale = nn.Parameter(w_scale.to(q.device), requires_grad=False)
+    if mode in _PLAIN_METHODS:
+        lin.quant_method = _PLAIN_METHODS[mode]()
+        return
+    if key.endswith("o_proj") and not hasattr(lin, "smooth_scale"):
+        lin.smooth_scale = nn.Parameter(torch.ones(lin.in_features, device=q.device), requires_grad=False)
+    if act_quant == "static":
+        a = torch.ones((), device=q.device) if q.is_meta else _static_amax(key, lin, amax, scales, static_amax)
+        lin.input_scale = nn.Parameter((a.float().clamp(min=_EPS) / 127.0).reshape(1).to(q.device),
+                                       requires_grad=False)
+    lin.quant_method = W8A8Method(static=act_quant == "static")
 
 
 def quantize_vision(model: nn.Module, mode: str) -> None:
@@ -351,27 +352,3 @@ def _static_amax(key: str, lin: LinearBase, amax: dict, scales: dict, static_ama
     a = local_slice(amax[key].to(lin.weight.device).float(), lin)
     s = scales.get(key)
     return (a / local_slice(s.to(a.device).float(), lin)).max() if s is not None else a.max()
-
-
-def prepare_quantized_model(model: nn.Module, mode: str, *, act_quant: str = "dynamic", lm_head: bool = False) -> None:
-    """Allocate empty int8 parameters (and methods) so that a quantized state_dict loads strictly.
-    lm_head: the build quantized the LM head too (engine manifests say so; older builds did not)."""
-    _check_mode(mode, act_quant)
-    dtype = fp8.FP8 if mode == "fp8" else torch.int8
-    for key, lin in decoder_linears(model):
-        dev = lin.weight.device
-        lin.weight = nn.Parameter(torch.empty(lin.out_features, lin.in_features, dtype=dtype, device=dev),
-                                  requires_grad=False)
-        lin.weight_scale = nn.Parameter(torch.empty(lin.out_features, device=dev), requires_grad=False)
-        if mode in _PLAIN_METHODS:
-            lin.quant_method = _PLAIN_METHODS[mode]()
-            continue
-        if key.endswith("o_proj"):
-            lin.smooth_scale = nn.Parameter(torch.ones(lin.in_features, device=dev), requires_grad=False)
-        if act_quant == "static":
-            lin.input_scale = nn.Parameter(torch.empty(1, device=dev), requires_grad=False)
-        lin.quant_method = W8A8Method(static=act_quant == "static")
-    if lm_head:
-        _prepare_lm_head(model.lm_head)
-    model.quant_config = {"mode": mode, "act_quant": act_quant if mode == "w8a8" else None, "smooth_alpha": None,
-                          "lm_head": "int8" if lm_head else None}

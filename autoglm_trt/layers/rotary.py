@@ -16,10 +16,21 @@ class MRotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, rotary_dim: int, theta: float, mrope_section: tuple[int, ...]) -> None:
         super().__init__()
         self.head_dim, self.rotary_dim = head_dim, rotary_dim
-        inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
-        axis = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(mrope_section)])
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [rotary_dim / 2]
-        self.register_buffer("axis", axis, persistent=False)  # [rotary_dim / 2] in {0, 1, 2}
+        self.theta, self.mrope_section = theta, tuple(mrope_section)
+        self.register_buffer("inv_freq", torch.empty(rotary_dim // 2, dtype=torch.float32), persistent=False)  # [rotary_dim / 2]
+        self.register_buffer("axis", torch.empty(rotary_dim // 2, dtype=torch.long), persistent=False)  # in {0, 1, 2}
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Compute the frequency tables in place (again after a meta-built model gets storage)."""
+        dev = self.inv_freq.device
+        if dev.type == "meta":
+            return
+        r = self.rotary_dim
+        self.inv_freq.copy_(1.0 / (self.theta ** (torch.arange(0, r, 2, dtype=torch.float, device=dev) / r)))
+        self.axis.copy_(torch.cat([torch.full((n,), i % 3, dtype=torch.long, device=dev)
+                                   for i, n in enumerate(self.mrope_section)]))
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [3, T] -> cos, sin [T, rotary_dim / 2] (float32)."""
@@ -43,9 +54,17 @@ class VisionRotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        spatial = head_dim // 2
-        inv_freq = 1.0 / (theta ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [head_dim / 4]
+        self.spatial, self.theta = head_dim // 2, theta
+        self.register_buffer("inv_freq", torch.empty(head_dim // 4, dtype=torch.float32), persistent=False)  # [head_dim / 4]
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Compute the frequency table in place (again after a meta-built model gets storage)."""
+        dev = self.inv_freq.device
+        if dev.type != "meta":
+            s = self.spatial
+            self.inv_freq.copy_(1.0 / (self.theta ** (torch.arange(0, s, 2, dtype=torch.float, device=dev) / s)))
 
     def cos_sin(self, hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hw [N, 2] (row, col) -> cos, sin [N, head_dim] (float32), laid out [h, w, h, w]."""

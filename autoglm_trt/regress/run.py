@@ -52,8 +52,8 @@ def make_checkpoint(work: Path) -> Path:
 
 def checkpoint_hash(checkpoint: Path) -> str:
     """sha256 of the checkpoint, every byte (the build manifest's "full" source hash)."""
-    from autoglm_trt.builder.manifest import source_checkpoint_hash
-    from autoglm_trt.models.loader import checkpoint_files
+    from autoglm_trt.formats.manifest import source_checkpoint_hash
+    from autoglm_trt.models.checkpoint import checkpoint_files
 
     return source_checkpoint_hash(checkpoint, checkpoint_files(checkpoint), method="full")
 

@@ -46,7 +46,8 @@ def serve_cmd(
     limit_images_per_prompt: int = typer.Option(10, help="images per prompt at most"),
     limit_mm_per_prompt: Optional[str] = typer.Option(None, help="vLLM style JSON, e.g. '{\"image\": 10}'"),
     max_image_pixels: int = typer.Option(64_000_000, help="decoded pixels per image at most (bomb guard)"),
-    tp: int = typer.Option(1, "--tp", "--tensor-parallel-size", help="tensor-parallel GPUs"),
+    tp: Optional[int] = typer.Option(None, "--tp", "--tensor-parallel-size",
+                                     help="tensor-parallel GPUs (default: an engine directory's own, else 1)"),
     reasoning_parser: Optional[str] = typer.Option(None, help="glm45: split <think> into reasoning_content"),
     dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -90,8 +91,7 @@ def _server_config(o: dict):
 
 def _engine_args(o: dict):
     """The engine side of `serve`'s options, checked before anything loads."""
-    from autoglm_trt.config import QUANT_MODES
-    from autoglm_trt.serve.loader import EngineArgs
+    from autoglm_trt.config import QUANT_MODES, EngineArgs
 
     if o["image_preprocess_device"] not in ("auto", "cpu"):
         raise UserError(f"--image-preprocess-device must be auto or cpu, got {o['image_preprocess_device']!r}")
@@ -100,7 +100,7 @@ def _engine_args(o: dict):
     return EngineArgs(str(o["model_dir"]), max_model_len=o["max_model_len"], max_num_seqs=o["max_num_seqs"],
                       max_num_batched_tokens=o["max_num_batched_tokens"],
                       gpu_memory_utilization=o["gpu_memory_utilization"], tensor_parallel_size=o["tp"],
-                      num_kv_blocks=o["num_kv_blocks"], block_size=o["block_size"], dtype=o["dtype"],
+                      num_blocks=o["num_kv_blocks"], block_size=o["block_size"], dtype=o["dtype"],
                       device=o["device"], enforce_eager=o["enforce_eager"], enable_prefix_caching=o["prefix_caching"],
                       seed=o["seed"], image_preprocess_device=o["image_preprocess_device"], quant=o["quantization"])
 

@@ -7,26 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-
-@dataclass
-class EngineArgs:
-    """The engine options `autoglm-trt serve` exposes (None = the engine's default)."""
-
-    model_dir: str
-    max_model_len: int | None = None
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    gpu_memory_utilization: float | None = None
-    tensor_parallel_size: int = 1
-    num_kv_blocks: int | None = None
-    block_size: int | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    enforce_eager: bool = False
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    image_preprocess_device: str = "auto"
-    quant: str | None = None  # none | int8-wo | w8a8 | fp8 at load (a checkpoint); None: the engine dir's own
+from autoglm_trt.config import EngineArgs
+from autoglm_trt.errors import UserError
 
 
 @dataclass
@@ -38,26 +20,14 @@ class LoadReport:
     kv_tokens: int
 
 
-def engine_config(args: EngineArgs) -> Any:
-    from autoglm_trt.engine.llm import engine_config_from_kwargs
-
-    optional = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
-                "max_num_batched_tokens": args.max_num_batched_tokens,
-                "gpu_memory_utilization": args.gpu_memory_utilization, "num_blocks": args.num_kv_blocks,
-                "block_size": args.block_size, "quant": args.quant}
-    kwargs = {k: v for k, v in optional.items() if v is not None}
-    return engine_config_from_kwargs(args.model_dir, dtype=args.dtype, device=args.device,
-                                     enforce_eager=args.enforce_eager, seed=args.seed,
-                                     enable_prefix_caching=args.enable_prefix_caching,
-                                     tensor_parallel_size=args.tensor_parallel_size,
-                                     image_preprocess_device=args.image_preprocess_device, **kwargs)
-
-
 def load_engine(args: EngineArgs) -> LoadReport:
     """Build the LLMEngine (blocking: weights, KV cache, CUDA graphs) and describe what it took."""
     from autoglm_trt.engine.llm_engine import LLMEngine
 
-    config = engine_config(args)
+    try:
+        config = args.create_engine_config()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     t0 = time.perf_counter()
     engine = LLMEngine(config)
     seconds = time.perf_counter() - t0

@@ -14,11 +14,12 @@ import sys
 
 import uvicorn
 
+from autoglm_trt.config import EngineArgs
 from autoglm_trt.errors import UserError
 from autoglm_trt.serve.app import build_app
 from autoglm_trt.serve.config import ServerConfig
 from autoglm_trt.serve.grpc.server import GrpcServer
-from autoglm_trt.serve.loader import EngineArgs, LoadReport, load_engine
+from autoglm_trt.serve.loader import LoadReport, load_engine
 from autoglm_trt.serve.state import ServeState
 from autoglm_trt.utils.limits import raise_open_files_limit
 from autoglm_trt.utils.logging import log

@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from autoglm_trt.builder.engine_dir import load_engine_model
-from autoglm_trt.builder.manifest import MANIFEST_KEY, is_engine_dir, read_manifest, sha256_file
 from autoglm_trt.config import ModelConfig
-from autoglm_trt.errors import UserError
-from autoglm_trt.models.loader import load_model
 from autoglm_trt.engine.distributed import free_port
+from autoglm_trt.errors import UserError
+from autoglm_trt.formats.manifest import MANIFEST_KEY, is_engine_dir, read_manifest, sha256_file
+from autoglm_trt.models.engine_loader import load_engine_model
+from autoglm_trt.models.loader import load_model
 
 HERE = Path(__file__).parent
 
@@ -81,7 +81,7 @@ def test_engine_weights_equal_checkpoint_weights(tiny_engine, our_model):
 
 def test_tp2_rank_files_equal_live_sharding(tiny_engine_tp2, tiny_model_dir):
     """Pre-sharded rank files hold exactly what the weight loaders shard from the checkpoint at load time."""
-    from autoglm_trt.builder.shard import parallel_state
+    from autoglm_trt.layers.parallel import parallel_state
 
     for rank in range(2):
         engine = load_model(tiny_engine_tp2.engine_dir, dtype="float32", rank=rank, tp_size=2, show_progress=False)
@@ -150,6 +150,26 @@ def test_missing_rank_file_refused(engine_copy):
     (engine_copy / "rank0.safetensors").unlink()
     with pytest.raises(UserError, match="rank0.safetensors is missing"):
         load_model(engine_copy, show_progress=False)
+
+
+def test_engine_built_for_another_gpu_refused(engine_copy, monkeypatch):
+    """An engine whose manifest names the GPU it was built for (TensorRT engines inside) loads on that
+    architecture only; the refusal names the rebuild. The CPU runs the portable rank files."""
+    from autoglm_trt.models.engine_loader import check_built_gpu
+
+    cfg = json.loads((engine_copy / "config.json").read_text())
+    cfg[MANIFEST_KEY]["gpu"] = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    (engine_copy / "config.json").write_text(json.dumps(cfg))
+    manifest = read_manifest(engine_copy)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
+    with pytest.raises(UserError, match=r"built for NVIDIA H100 80GB HBM3 \(sm 9.0\); this GPU is NVIDIA GeForce "
+                                        r"RTX 3090 \(sm 8.6\): rebuild it: `autoglm-trt build"):
+        check_built_gpu(engine_copy, manifest, torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_built_gpu(engine_copy, manifest, torch.device("cuda", 0))  # the same architecture: fine
+    check_built_gpu(engine_copy, manifest, torch.device("cpu"))
+    assert load_model(engine_copy, show_progress=False) is not None
 
 
 def test_unknown_format_version_refused(engine_copy):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from autoglm_trt.builder.manifest import read_manifest
+from autoglm_trt.formats.manifest import read_manifest
 
 
 def _cli(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:

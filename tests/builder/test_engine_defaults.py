@@ -1,12 +1,18 @@
-"""`LLM(ENGINE_DIR)` takes its limits, page size, CUDA-graph sizes, TP and quant from the build; explicit kwargs win."""
+"""`LLM(ENGINE_DIR)` takes its limits, page size, CUDA-graph sizes, TP and quant from the build; explicit kwargs
+win; a checkpoint takes the one set of defaults in config.py (max_model_len: the model's own maximum)."""
 
 from __future__ import annotations
 
 import pytest
 
-from autoglm_trt.builder.engine_dir import engine_defaults
-from autoglm_trt.engine.llm import DEFAULTS, engine_config_from_kwargs
+from autoglm_trt import config as C
+from autoglm_trt.config import EngineArgs, ModelConfig
 from autoglm_trt.errors import UserError
+from autoglm_trt.formats.manifest import engine_defaults
+
+
+def engine_config_from_kwargs(model_dir: str, **kwargs) -> C.EngineConfig:
+    return EngineArgs(model_dir, **kwargs).create_engine_config()
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +37,26 @@ def test_engine_config_defaults_come_from_the_build(tiny_engine, int8_page32, ti
     q = engine_config_from_kwargs(str(int8_page32))
     assert q.cache.block_size == 32 and q.quant == "int8-wo"
     ckpt = engine_config_from_kwargs(str(tiny_model_dir))  # a checkpoint: the library defaults
-    assert (ckpt.scheduler.max_model_len, ckpt.cache.block_size, ckpt.quant) == \
-        (DEFAULTS["max_model_len"], DEFAULTS["block_size"], "none")
+    most = ModelConfig.from_dir(tiny_model_dir).text.max_position_embeddings
+    assert (ckpt.scheduler.max_model_len, ckpt.max_model_len_origin) == (most, C.MODEL_MAXIMUM)
+    assert (ckpt.cache.block_size, ckpt.quant, ckpt.scheduler.max_num_seqs) == \
+        (C.DEFAULT_BLOCK_SIZE, "none", C.DEFAULT_MAX_NUM_SEQS)
+    assert ckpt.cuda_graph_batch_sizes == (1, 2, 4, 8, 16, 24, 32, 48, 64)
+
+
+def test_max_model_len_past_the_models_positions_is_refused(tiny_model_dir):
+    most = ModelConfig.from_dir(tiny_model_dir).text.max_position_embeddings
+    with pytest.raises(ValueError, match=f"max_model_len {most + 1} is more than the model's"):
+        engine_config_from_kwargs(str(tiny_model_dir), max_model_len=most + 1)
+
+
+def test_model_maximum_is_lowered_to_the_kv_capacity(tiny_model_dir):
+    from autoglm_trt import LLM
+
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", num_blocks=8)  # 128 tokens of KV
+    assert llm.engine.config.scheduler.max_model_len == 128
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", num_blocks=8, max_model_len=256)  # asked for
+    assert llm.engine.config.scheduler.max_model_len == 256
 
 
 def test_explicit_kwargs_win(tiny_engine, int8_page32):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from autoglm_trt.builder.manifest import sha256_file
 from autoglm_trt.builder.onnx_io import consolidate
+from autoglm_trt.formats.manifest import sha256_file
 
 
 def ort_session(path):

@@ -9,10 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from autoglm_trt.builder.manifest import source_checkpoint_hash
-from autoglm_trt.builder.options import (BuildConfig, ExportConfig, ShapeLimits, default_graph_sizes,
-                                      parse_int_list)
-from autoglm_trt.builder.safetensors_io import SafetensorsWriter, iter_tensors
+from autoglm_trt.builder.options import BuildConfig, ExportConfig, ShapeLimits, parse_int_list
+from autoglm_trt.formats.manifest import source_checkpoint_hash
+from autoglm_trt.formats.safetensors_io import SafetensorsWriter, iter_tensors
 
 
 def test_stream_writer_out_of_order_round_trip(tmp_path):
@@ -47,7 +46,7 @@ def test_stream_writer_rejects_mismatches(tmp_path):
 def test_source_hash_fast_sees_layout_not_values(tiny_model_dir, tmp_path):
     import shutil
 
-    from autoglm_trt.models.loader import checkpoint_files
+    from autoglm_trt.models.checkpoint import checkpoint_files
 
     copy = tmp_path / "ckpt"
     shutil.copytree(tiny_model_dir, copy)
@@ -68,7 +67,8 @@ def test_source_hash_fast_sees_layout_not_values(tiny_model_dir, tmp_path):
 def test_options_validate_and_normalise():
     assert BuildConfig(dtype="bf16").dtype == "bfloat16" and ExportConfig(dtype="fp16").dtype == "float16"
     assert parse_int_list("8, 1,2,2") == (1, 2, 8) and parse_int_list("") is None
-    assert default_graph_sizes(12) == (1, 2, 4, 8, 12) and default_graph_sizes(64)[-1] == 64
+    assert BuildConfig(limits=ShapeLimits(max_batch_size=12)).cuda_graph_batch_sizes == (1, 2, 4, 8, 12)
+    assert BuildConfig().cuda_graph_batch_sizes[-1] == 64
     for bad, match in (({"quant": "int4"}, "quant"), ({"tp": 0}, "tp"), ({"backend": "onnx"}, "backend"),
                        ({"act_quant": "static", "quant": "w8a8"}, "calib"), ({"dtype": "int8"}, "dtype")):
         with pytest.raises(ValueError, match=match):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autoglm_trt.builder.manifest import read_manifest
+from autoglm_trt.formats.manifest import read_manifest
 from autoglm_trt.models.loader import load_model
 
 quant = pytest.importorskip("autoglm_trt.layers.quant")
@@ -50,8 +50,8 @@ def test_int8_round_trip_equals_in_memory_quantization(build_engine_dir, tiny_mo
 @pytest.mark.parametrize("act_quant", ["dynamic", "static"])
 def test_smoothquant_tp2_rank_files_equal_per_rank_quantization(build_engine_dir, tiny_model_dir, calib_dir,
                                                                act_quant):
-    from autoglm_trt.builder.shard import parallel_state
     from autoglm_trt.calibration.cache import load_calibration
+    from autoglm_trt.layers.parallel import parallel_state
 
     result = build_engine_dir(f"w8a8-{act_quant}", quant="w8a8", tp=2, act_quant=act_quant, calib_dir=str(calib_dir))
     m = read_manifest(result.engine_dir)

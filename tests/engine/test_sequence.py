@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from autoglm_trt.engine.sampling_params import SamplingParams
-from autoglm_trt.engine.sequence import Sequence, SequenceStatus, find_image_spans
+from autoglm_trt.engine.sequence import Sequence, SequenceStatus
 
 IMG = 99
 
@@ -70,13 +70,6 @@ def test_status_finished_flags():
                         SequenceStatus.FINISHED_ABORTED}
 
 
-def test_find_image_spans_pairs_runs_with_hashes():
-    ids = [1, IMG, IMG, 2, 3, IMG, IMG, IMG]
-    assert find_image_spans(ids, IMG, ["a", "b"]) == [(1, 3, "a"), (5, 8, "b")]
-    with pytest.raises(ValueError, match="2 runs"):
-        find_image_spans(ids, IMG, ["a"])
-
-
 def test_block_hash_extra_is_images_overlapping_the_range():
     ids = [1, IMG, IMG, 2, 3, IMG, IMG, IMG]
     seq = Sequence("r", ids, images=[FakeImage("a"), FakeImage("b")],
@@ -98,10 +91,10 @@ def test_decode_position_uses_mrope_delta():
     assert text_only.decode_position(0) == 0 and text_only.decode_position(5) == 5
 
 
-def test_from_prompt_finds_spans():
-    prompt = SimpleNamespace(prompt_token_ids=[5, IMG, IMG, 6], images=[FakeImage("h")],
+def test_from_prompt_takes_the_prompts_spans():
+    prompt = SimpleNamespace(prompt_token_ids=[5, IMG, IMG, 6], images=[FakeImage("h")], image_spans=[(1, 3, "h")],
                              mrope_positions="pos", mrope_delta=-1)
-    seq = Sequence.from_prompt("r", prompt, SamplingParams(seed=3), image_token_id=IMG)
+    seq = Sequence.from_prompt("r", prompt, SamplingParams(seed=3))
     assert seq.image_spans == [(1, 3, "h")] and seq.mrope_delta == -1 and seq.params.seed == 3
-    text = SimpleNamespace(prompt_token_ids=[5], images=[], mrope_positions=None, mrope_delta=0)
-    assert Sequence.from_prompt("t", text, None, image_token_id=IMG).image_spans == []
+    text = SimpleNamespace(prompt_token_ids=[5], images=[], image_spans=[], mrope_positions=None, mrope_delta=0)
+    assert Sequence.from_prompt("t", text, None).image_spans == []

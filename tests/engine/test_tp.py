@@ -93,7 +93,7 @@ def _prefill_logits(llm: LLM, conv: list[dict]) -> torch.Tensor:
     """Logits of every prompt position, from one prefill step run through the engine's runner."""
     eng = llm.engine
     prompt = eng.processor.process_chat(conv)
-    seq = Sequence.from_prompt("logits", prompt, GREEDY, eng.model_config.image_token_id)
+    seq = Sequence.from_prompt("logits", prompt, GREEDY)
     n, bs = seq.num_prompt_tokens, eng.config.cache.block_size
     blocks = list(range(eng.runner.num_blocks - (-(-n // bs)), eng.runner.num_blocks))  # NOTE: top blocks: unused
     batch = StepBatch(seq.prompt_token_ids, torch.as_tensor(prompt.mrope_positions),

@@ -145,12 +145,15 @@ def test_smoothing_leaves_the_float_function_unchanged(model, batch) -> None:
 @pytest.mark.parametrize("mode,act_quant", [("int8-wo", "dynamic"), ("w8a8", "dynamic"), ("w8a8", "static"),
                                              ("fp8", "dynamic")])
 def test_state_dict_round_trip(model, batch, tiny_model_dir, mode, act_quant) -> None:
-    from autoglm_trt.models.loader import load_model
+    """The transform run on a meta model (what the engine loader does) lays out exactly the quantized state."""
+    from autoglm_trt.config import ModelConfig
+    from autoglm_trt.models.checkpoint import build_model, materialize
 
     m = copy.deepcopy(model)
     Q.quantize_model(m, mode, channel_amax(model, batch) if mode == "w8a8" else None, act_quant=act_quant)
-    fresh = load_model(tiny_model_dir, dtype="float32", show_progress=False)
-    Q.prepare_quantized_model(fresh, mode, act_quant=act_quant, lm_head=True)
+    fresh = build_model(ModelConfig.from_dir(tiny_model_dir), torch.float32, "meta")
+    Q.quantize_model(fresh, mode, act_quant=act_quant, lm_head=True)
+    materialize(fresh, "cpu")
     fresh.load_state_dict(m.state_dict(), strict=True)
     assert torch.equal(logits(fresh, batch), logits(m, batch))
     keys = set(m.state_dict())

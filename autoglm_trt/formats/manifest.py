@@ -204,3 +204,50 @@ def write_config(engine_dir: Path, hf_config: dict, manifest: EngineManifest) ->
     tmp = engine_dir / "config.json.tmp"
     tmp.write_text(json.dumps(out, indent=2))
     tmp.replace(engine_dir / "config.json")
+
+
+# ---- what the runtime reads of an engine directory ------------------------------------------------
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.safetensors"
+
+
+def files_to_verify(manifest: EngineManifest) -> list[str]:
+    """The small files the runtime reads (not the weights: those are hashed while they load)."""
+    skip_suffixes = (".onnx", ".data", ".engine", ".safetensors")
+    return [n for n in manifest.files if not n.endswith(skip_suffixes) and not n.startswith("calibration/")]
+
+
+# Options whose value is baked into the rank files (pre-sharded, pre-quantized): another value needs a rebuild.
+FIXED_BY_BUILD = {"tensor_parallel_size": "--tp", "quant": "--quant", "act_quant": "--act-quant"}
+
+
+def engine_defaults(engine_dir: str | Path) -> dict:
+    """Engine options the build fixed (EngineArgs names): limits, page size, CUDA-graph sizes, TP, quant."""
+    m = read_manifest(engine_dir)
+    lim = m.build["limits"]
+    return {"max_model_len": lim["max_seq_len"], "max_num_seqs": lim["max_batch_size"],
+            "max_num_batched_tokens": lim["max_num_tokens"], "block_size": m.build["page_size"],
+            "cuda_graph_batch_sizes": tuple(m.build["cuda_graph_batch_sizes"]),
+            "tensor_parallel_size": m.tp_size, "quant": m.quantization.get("mode", "none"),
+            "act_quant": m.quantization.get("act_quant") or "dynamic"}
+
+
+def check_fixed_options(engine_dir: str | Path, defaults: dict, given: dict) -> None:
+    """Refuse an explicit option that contradicts what the build baked into the rank files."""
+    for key, flag in FIXED_BY_BUILD.items():
+        if key == "act_quant" and defaults["quant"] != "w8a8":
+            continue  # NOTE: only w8a8 engines carry an activation-scale mode
+        if key in given and given[key] != defaults[key]:
+            raise UserError(f"{engine_dir} was built with {flag} {defaults[key]}, but {key}={given[key]!r} was "
+                            f"asked for: leave {key} out (the engine's value is the default), or rebuild with "
+                            f"{flag} {given[key]}")
+
+
+def build_defaults(model_dir: str | Path, given: dict) -> dict:
+    """An engine directory's build options (EngineArgs names), after refusing an explicit option that
+    contradicts its rank files; {} for a checkpoint directory."""
+    if not is_engine_dir(model_dir):
+        return {}
+    defaults = engine_defaults(model_dir)
+    check_fixed_options(model_dir, defaults, given)
+    return defaults
