@@ -237,6 +237,59 @@ class ParallelConfig:
             raise ValueError(f"backend must be auto, nccl or gloo, got {self.backend}")
 
 
+SPECULATIVE_METHODS = ("off", "ngram", "suffix")
+_VLLM_SPEC_KEYS = {"disable_by_batch_size": "max_batch_size"}  # vLLM's --speculative-config names -> ours
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding without a draft model: drafts come from n-gram matches in the request's own prompt
+    and output ("ngram", vLLM's prompt lookup) and also in recent requests' outputs ("suffix"); they are checked
+    in one forward pass and only what greedy decoding itself gives is kept (exact)."""
+
+    method: str = "off"  # off | ngram | suffix
+    num_speculative_tokens: int = 8  # draft tokens per row at most (k adapts to the acceptance seen, up to this)
+    prompt_lookup_min: int = 1  # shortest n-gram matched
+    prompt_lookup_max: int = 4  # longest n-gram matched (the longest match wins)
+    max_batch_size: int = 8  # decode batches of more rows do not speculate (verification no longer pays)
+    suffix_cache_requests: int = 256  # "suffix": recent outputs kept for matching across requests
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got "
+                             f"{self.method!r}")
+        if not 1 <= self.num_speculative_tokens <= 32:
+            raise ValueError(f"num_speculative_tokens must be in [1, 32], got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 16:
+            raise ValueError("prompt_lookup_min and prompt_lookup_max must satisfy 1 <= min <= max <= 16, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+        for name in ("max_batch_size", "suffix_cache_requests"):
+            _check_positive(name, getattr(self, name))
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "off"
+
+    @classmethod
+    def parse(cls, value) -> "SpeculativeConfig":
+        """"ngram" | "suffix" | "off" | None, a dict, or vLLM's --speculative-config JSON ({"method": "ngram",
+        "num_speculative_tokens": 5, "prompt_lookup_max": 4, ...}); unknown keys are refused."""
+        if value is None or isinstance(value, cls):
+            return value or cls()
+        if isinstance(value, str) and value.strip().startswith("{"):
+            value = json.loads(value)
+        if isinstance(value, str):
+            return cls(method=value)
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative must be a method name or a JSON object, got {value!r}")
+        value = {_VLLM_SPEC_KEYS.get(k, k): v for k, v in value.items()}
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative config: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**value)
+
+
 @dataclass
 class EngineConfig:
     model_dir: str
@@ -257,6 +310,7 @@ class EngineConfig:
     # where max_model_len came from: "the model's maximum" (then lowered to the KV capacity at start-up),
     # "the engine's build" or "--max-model-len"
     max_model_len_origin: str = "--max-model-len"
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -299,6 +353,7 @@ class EngineArgs:
     calib_dir: str | None = None
     act_quant: str | None = None
     image_preprocess_device: str = "auto"
+    speculative: str | dict | None = None  # off | ngram | suffix, or vLLM's speculative-config object
 
     def create_engine_config(self) -> EngineConfig:
         """The EngineConfig, defaults applied; UserError for a model directory that cannot serve, or an
@@ -324,7 +379,8 @@ class EngineArgs:
                               self.enable_prefix_caching),
             scheduler=SchedulerConfig(max_len, seqs, o.get("max_num_batched_tokens", DEFAULT_MAX_NUM_BATCHED_TOKENS),
                                       self.num_decode_steps),
-            parallel=ParallelConfig(o.get("tensor_parallel_size", 1)), max_model_len_origin=origin)
+            parallel=ParallelConfig(o.get("tensor_parallel_size", 1)), max_model_len_origin=origin,
+            speculative=SpeculativeConfig.parse(self.speculative))
 
     def _max_model_len(self, o: dict, built: dict) -> tuple[int, str]:
         """(max_model_len, where it came from); more than the model's positions is refused."""

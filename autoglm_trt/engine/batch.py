@@ -63,6 +63,7 @@ class ModelStep:
     continues: bool = False  # the window carries on the previous window's rows (ids, positions on the device)
     penalties: list[tuple[float, float, list[int]]] | None = None  # window rows: (frequency, presence, output ids)
     sampling: list[Sequence] | None = None  # rank 0 only: the sampling rows (never sent to other ranks)
+    drafts: list[list[int]] | None = None  # rank 0 only: per scheduled row, the draft tokens to verify
 
     @property
     def is_window(self) -> bool:
@@ -71,7 +72,7 @@ class ModelStep:
 
     def for_workers(self) -> "ModelStep":
         """What the other tensor-parallel ranks get (sampling is rank 0's business)."""
-        return replace(self, sampling=None)
+        return replace(self, sampling=None, drafts=None)
 
 
 def seq_positions(seq: Sequence, start: int, end: int) -> torch.Tensor:
@@ -122,15 +123,15 @@ def build_batch(out: SchedulerOutput, block_size: int) -> StepBatch:
     ids, pos, slots, cu, lens, tables, logits_idx, images = [], [], [], [0], [], [], [], []
     for sch in out.scheduled:
         seq, start, end = sch.seq, sch.start, sch.start + sch.num_new_tokens
-        ids += seq.token_ids[start:end]
+        ids += sch.input_ids
         pos.append(seq_positions(seq, start, end))
         slots += slots_for(seq, start, end, block_size)
         cu.append(cu[-1] + sch.num_new_tokens)
         lens.append(end)
         tables.append(list(seq.block_table))
         images += image_chunks_for(seq, start, end)
-        if sch.samples:
-            logits_idx.append(cu[-1] - 1)
+        if sch.samples:  # NOTE: a draft is verified at every position: its logits, and the one after it
+            logits_idx += list(range(cu[-1] - 1 - len(sch.draft), cu[-1]))
     return StepBatch(ids, torch.cat(pos, dim=1), slots, cu, lens, tables, logits_idx, images, out.is_decode)
 
 
@@ -161,4 +162,5 @@ def prepare_step(out: SchedulerOutput, block_size: int) -> ModelStep:
     batch = build_batch(out, block_size)
     if out.num_steps > 1:
         return ModelStep(batch, samples, out.num_steps, penalties=window_penalties([s.seq for s in out.scheduled]))
-    return ModelStep(batch, samples, sampling=out.sampling_seqs)
+    drafts = [s.draft for s in out.scheduled] if out.has_drafts else None
+    return ModelStep(batch, samples, sampling=out.sampling_seqs, drafts=drafts)

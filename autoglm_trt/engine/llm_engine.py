@@ -21,6 +21,7 @@ from autoglm_trt.engine.outputs import EngineStats, RequestOutput, StepFuture
 from autoglm_trt.engine.sampling_params import SamplingParams
 from autoglm_trt.engine.scheduler import Scheduler, SchedulerOutput
 from autoglm_trt.engine.sequence import Sequence
+from autoglm_trt.engine.speculative import Proposer
 from autoglm_trt.errors import RequestError, UserError
 from autoglm_trt.processing.inputs import InputProcessor, ProcessedPrompt
 from autoglm_trt.processing.tokenizer import Tokenizer
@@ -76,7 +77,8 @@ class LLMEngine:
         self._fit_max_model_len()
         self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_blocks,
                                    eos_token_ids=self.tokenizer.eos_token_ids or self.model_config.eos_token_ids,
-                                   max_window_rows=self.runner.max_window_rows)
+                                   max_window_rows=self.runner.max_window_rows,
+                                   proposer=Proposer(config.speculative) if config.speculative.enabled else None)
         self.output = OutputProcessor(self.tokenizer, self.scheduler)
         self._inflight: _InFlight | None = None  # the step launched on the device, not yet read
         gc.collect()
@@ -156,6 +158,7 @@ class LLMEngine:
             self.executor.shutdown()
 
     def get_stats(self) -> EngineStats:
-        bm = self.scheduler.block_manager
+        bm, proposer = self.scheduler.block_manager, self.scheduler.proposer
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, bm.usage, bm.num_free_blocks,
-                           bm.num_blocks, bm.prefix_cache_queries, bm.prefix_cache_hits, self.config.cache.block_size)
+                           bm.num_blocks, bm.prefix_cache_queries, bm.prefix_cache_hits, self.config.cache.block_size,
+                           spec=proposer.stats if proposer is not None else None)

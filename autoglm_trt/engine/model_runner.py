@@ -167,6 +167,8 @@ class ModelRunner:
         return StepFuture.done(self._sample(logits, step))
 
     def _sample(self, logits: torch.Tensor, step: ModelStep) -> ModelOutput:
+        if step.drafts is not None:
+            return self._verify(logits, step)
         meta = SamplingMetadata.from_sequences(step.sampling, self.model_cfg.text.vocab_size, logits.device)
         result = self.sampler(logits, meta)
         tokens, lps = iter(result.token_ids), iter(result.logprobs or [])
@@ -175,6 +177,24 @@ class ModelRunner:
             return ModelOutput(token_ids)
         logprobs = [[lp] if (lp := next(lps) if s else None) is not None else [] for s in step.samples]
         return ModelOutput(token_ids, logprobs)
+
+    def _verify(self, logits: torch.Tensor, step: ModelStep) -> ModelOutput:
+        """Drafts checked against greedy decoding: logits row j of a row with draft d is sampled as if d[:j] had
+        been generated (penalties count them), so the kept prefix is exactly what one-token steps would give.
+        logits [sum over sampling rows of 1 + len(draft), vocab] -> per row: accepted drafts + the next token."""
+        drafts = [d for d, s in zip(step.drafts, step.samples) if s]
+        rows = [_Drafted(seq, d[:j]) for seq, d in zip(step.sampling, drafts) for j in range(len(d) + 1)]
+        meta = SamplingMetadata.from_sequences(rows, self.model_cfg.text.vocab_size, logits.device)
+        tokens = iter(self.sampler(logits, meta).token_ids)
+        out = []
+        for draft, samples in zip(step.drafts, step.samples):
+            if not samples:
+                out.append([])
+                continue
+            picked = [next(tokens) for _ in range(len(draft) + 1)]
+            n = next((i for i, (d, t) in enumerate(zip(draft, picked)) if d != t), len(draft))
+            out.append(draft[:n] + [picked[n]])
+        return ModelOutput(out)
 
     def _launch_window(self, step: ModelStep) -> StepFuture:
         """Start a window of greedy tokens on the device; the future reads them back in one copy."""
@@ -229,3 +249,19 @@ class ModelRunner:
             reset_context()
         rows = torch.tensor(batch.logits_indices, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows))
+
+
+class _Drafted:
+    """A sequence as it would be with `extra` tokens generated (duck-typed for SamplingMetadata)."""
+
+    def __init__(self, seq: Sequence, extra: list[int]) -> None:
+        self.seq, self.extra, self.params = seq, extra, seq.params
+        self.num_output_tokens = seq.num_output_tokens + len(extra)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids + self.extra
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.seq.output_token_ids + self.extra

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from autoglm_trt.layers.sampler import TokenLogprob
 
@@ -57,6 +58,7 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # of which found
     block_size: int = 16
+    spec: Any = None  # speculative decoding's counters (engine.speculative.SpecStats), None when it is off
 
     @property
     def kv_blocks_in_use(self) -> int:

@@ -27,21 +27,29 @@ from typing import Iterable
 from autoglm_trt.config import CacheConfig, SchedulerConfig
 from autoglm_trt.engine.block_manager import BlockManager
 from autoglm_trt.engine.sequence import FINISH_STATUS, Sequence, SequenceStatus
+from autoglm_trt.engine.speculative import Proposer
 from autoglm_trt.errors import RequestError
 
 
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int  # compute tokens [start, start + num_new_tokens) this step
+    num_new_tokens: int  # compute tokens [start, start + num_new_tokens) this step (drafts included)
     start: int | None = None  # first token computed; None: seq.num_computed_tokens when scheduled
     samples: bool | None = None  # the chunk reaches the last known token: it produces tokens; None: derive
+    draft: list[int] = field(default_factory=list)  # speculated tokens after the last known one, to verify
 
     def __post_init__(self) -> None:
         if self.start is None:
             self.start = self.seq.num_computed_tokens
         if self.samples is None:
             self.samples = self.start + self.num_new_tokens == self.seq.num_tokens
+
+    @property
+    def input_ids(self) -> list[int]:
+        """The tokens this step computes: known ones, then the draft."""
+        known = self.num_new_tokens - len(self.draft)
+        return self.seq.token_ids[self.start:self.start + known] + self.draft
 
 
 @dataclass
@@ -55,8 +63,15 @@ class SchedulerOutput:
     num_batched_tokens: int = field(init=False)  # sum of num_new_tokens
 
     def __post_init__(self) -> None:
+        self.count()
+
+    def count(self) -> None:
         self.num_batched_tokens = sum(s.num_new_tokens for s in self.scheduled)
         self.is_decode = bool(self.scheduled) and all(s.num_new_tokens == 1 for s in self.scheduled)
+
+    @property
+    def has_drafts(self) -> bool:
+        return any(s.draft for s in self.scheduled)
 
     @property
     def sampling_seqs(self) -> list[Sequence]:
@@ -66,8 +81,9 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
-                 eos_token_ids: Iterable[int] = (), max_window_rows: int = 0) -> None:
+                 eos_token_ids: Iterable[int] = (), max_window_rows: int = 0, proposer: Proposer | None = None) -> None:
         self.config = scheduler_config
+        self.proposer = proposer  # speculative drafts for small greedy decode batches (engine/speculative.py)
         # windows of num_decode_steps greedy tokens for decode batches of at most this many rows (0: never;
         # the runner's multi-step buffers set it)
         self.max_window_rows = max_window_rows if (scheduler_config.num_decode_steps or 1) > 1 else 0
@@ -124,6 +140,8 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status, seq.finish_reason = FINISH_STATUS[reason], reason
         self.block_manager.free(seq)
+        if self.proposer is not None:
+            self.proposer.finish(seq)
         del self._seqs[seq.request_id]
         del self._arrival_no[seq.request_id]
 
@@ -150,6 +168,8 @@ class Scheduler:
             self._schedule_waiting(scheduled, budget)
         aborted, self._aborted = self._aborted, []
         out = SchedulerOutput(scheduled, preempted, aborted)
+        if self._speculate(out):
+            return out
         if self._window_eligible(out):
             seqs = [s.seq for s in scheduled]
             steps = self._window_steps(seqs, ahead=0)
@@ -191,8 +211,10 @@ class Scheduler:
             if not tokens:
                 raise ValueError(f"request {seq.request_id!r} reached its last token: it needs a sample")
             reason = self._append(seq, tokens)
+            if sch.draft:
+                self.proposer.record(seq, len(sch.draft), min(len(tokens) - 1, len(sch.draft)))
             seq.num_computed_tokens = seq.num_tokens - 1  # NOTE: every token but the newest has its KV now
-            allocated = sch.start + sch.num_new_tokens  # allocate() hashed the blocks up to here
+            allocated = sch.start + sch.num_new_tokens - len(sch.draft)  # allocate() hashed the blocks up to here
             if seq.num_computed_tokens > allocated:  # a window computed more on the device
                 self.block_manager.register_computed(seq, allocated, seq.num_computed_tokens)
             if reason is not None:
@@ -293,7 +315,26 @@ class Scheduler:
         return (num_output >= seq.params.max_tokens or num_tokens >= self.config.max_model_len
                 or num_tokens > self.kv_capacity)
 
-    # ---- multi-step windows -------------------------------------------------------------------
+    # ---- speculation and multi-step windows -------------------------------------------------------
+    def _speculate(self, out: SchedulerOutput) -> bool:
+        """Drafts for the greedy rows of a small decode batch, their KV blocks reserved -> whether any row got one."""
+        if self.proposer is None or not out.is_decode or len(out.scheduled) > self.proposer.cfg.max_batch_size:
+            return False
+        budget = self.config.max_num_batched_tokens - out.num_batched_tokens
+        for sch in out.scheduled:
+            seq, p = sch.seq, sch.seq.params
+            if sch.start < seq.num_prompt_tokens or not p.is_greedy or p.logprobs is not None:
+                continue
+            # NOTE: a step yields drafts + 1 tokens: never ask for more than max_tokens / max_model_len leave
+            room = min(p.max_tokens - seq.num_output_tokens, self.config.max_model_len - seq.num_tokens,
+                       self.kv_capacity - seq.num_tokens, budget + 1) - 1
+            draft = self.proposer.propose(seq, room) if room > 0 else []
+            if draft and self.block_manager.allocate(seq, 1, lookahead=len(draft)).ok:
+                sch.draft, sch.num_new_tokens = draft, 1 + len(draft)
+                budget -= len(draft)
+        out.count()
+        return out.has_drafts
+
     def _window_eligible(self, out: SchedulerOutput) -> bool:
         """A decode batch whose rows all take the device's greedy path (the multi-step buffers)."""
         if not out.is_decode or len(out.scheduled) > self.max_window_rows:

@@ -62,6 +62,10 @@ def serve_cmd(
                                                help="quantize a checkpoint at load: int8-wo | w8a8 | fp8 (e4m3 "
                                                "weights + activations, Ada/Hopper; vLLM's --quantization fp8)"),
     log_requests: bool = typer.Option(False, help="log every HTTP request"),
+    speculative: Optional[str] = typer.Option(None, help="speculative decoding without a draft model: ngram (n-gram "
+                                              "matches in the prompt and output) | suffix (also recent outputs) | off"),
+    speculative_config: Optional[str] = typer.Option(None, help="vLLM's JSON spelling, e.g. '{\"method\": \"ngram\", "
+                                                     "\"num_speculative_tokens\": 8}'"),
 ) -> None:
     """Serve the model: OpenAI API over HTTP and KServe v2 over gRPC (/health is 503 until loaded)."""
     opts = dict(locals())  # NOTE: first statement: exactly the options above
@@ -91,18 +95,25 @@ def _server_config(o: dict):
 
 def _engine_args(o: dict):
     """The engine side of `serve`'s options, checked before anything loads."""
-    from autoglm_trt.config import QUANT_MODES, EngineArgs
+    from dataclasses import asdict
+
+    from autoglm_trt.config import QUANT_MODES, EngineArgs, SpeculativeConfig
 
     if o["image_preprocess_device"] not in ("auto", "cpu"):
         raise UserError(f"--image-preprocess-device must be auto or cpu, got {o['image_preprocess_device']!r}")
     if o["quantization"] not in (None, *QUANT_MODES):
         raise UserError(f"--quantization must be one of {', '.join(QUANT_MODES)}, got {o['quantization']!r}")
+    try:
+        spec = SpeculativeConfig.parse(o["speculative_config"] or o["speculative"])
+    except (ValueError, TypeError) as exc:  # NOTE: json.JSONDecodeError is a ValueError
+        raise UserError(f"--speculative / --speculative-config: {exc}") from None
     return EngineArgs(str(o["model_dir"]), max_model_len=o["max_model_len"], max_num_seqs=o["max_num_seqs"],
                       max_num_batched_tokens=o["max_num_batched_tokens"],
                       gpu_memory_utilization=o["gpu_memory_utilization"], tensor_parallel_size=o["tp"],
                       num_blocks=o["num_kv_blocks"], block_size=o["block_size"], dtype=o["dtype"],
                       device=o["device"], enforce_eager=o["enforce_eager"], enable_prefix_caching=o["prefix_caching"],
-                      seed=o["seed"], image_preprocess_device=o["image_preprocess_device"], quant=o["quantization"])
+                      seed=o["seed"], image_preprocess_device=o["image_preprocess_device"], quant=o["quantization"],
+                      speculative=asdict(spec) if spec.enabled else None)
 
 
 def bench_cmd(

@@ -73,6 +73,20 @@ class _EngineCollector:
                             "cache.", s.prefix_cache_queries)
         yield self._counter("autoglm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                             s.prefix_cache_hits)
+        if s.spec is not None:
+            yield from self._spec_decode(s.spec)
+
+    def _spec_decode(self, spec):
+        """Speculative decoding's counters, under vLLM's names (accepted / drafts = tokens gained per step)."""
+        yield self._counter("vllm:spec_decode_num_drafts", "Rows verified with draft tokens.", spec.num_drafts)
+        yield self._counter("vllm:spec_decode_num_draft_tokens", "Draft tokens proposed.", spec.num_draft_tokens)
+        yield self._counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                            spec.num_accepted_tokens)
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, by "
+                                      "position in the draft.", labels=[*self.labels, "position"])
+        for pos, n in enumerate(spec.accepted_per_pos):
+            per_pos.add_metric([*self.labels.values(), str(pos)], n)
+        yield per_pos
 
 
 class ServeMetrics:
