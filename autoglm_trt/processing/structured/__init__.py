@@ -4,7 +4,7 @@ into per-request grammar states that fill token bitmasks (llguidance; docs/struc
 Imports no torch and no llguidance until a grammar is compiled or a bitmask allocated.
 """
 
-from autoglm_trt.processing.structured.compiler import GrammarCompiler
+from autoglm_trt.processing.structured.compiler import GrammarCompiler, compiler_for
 from autoglm_trt.processing.structured.spec import (
     KINDS,
     StructuredOutputError,
@@ -18,5 +18,5 @@ from autoglm_trt.processing.structured.state import (
     fill_bitmasks,
 )
 
-__all__ = ["KINDS", "GrammarCompiler", "GrammarState", "StructuredOutputError", "StructuredOutputs",
+__all__ = ["KINDS", "GrammarCompiler", "compiler_for", "GrammarState", "StructuredOutputError", "StructuredOutputs",
            "allocate_bitmask", "bitmask_width", "fill_bitmasks", "tool_call_schema"]

@@ -102,6 +102,21 @@ class GrammarCompiler:
         return matcher
 
 
+_compilers: dict[tuple[int, int], GrammarCompiler] = {}
+_compilers_lock = threading.Lock()
+
+
+def compiler_for(tokenizer: "Tokenizer", vocab_size: int) -> GrammarCompiler:
+    """The process's one compiler of this tokenizer: the server (validating at the door) and the engine
+    (building request states) share its cache."""
+    key = (id(tokenizer), vocab_size)
+    with _compilers_lock:
+        compiler = _compilers.get(key)
+        if compiler is None or compiler.tokenizer is not tokenizer:
+            compiler = _compilers[key] = GrammarCompiler(tokenizer, vocab_size)
+        return compiler
+
+
 def _grammar_text(so: StructuredOutputs, start: str | None) -> str:
     """llguidance's grammar definition of a constraint (no compilation yet: cheap)."""
     import llguidance
