@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from autoglm_trt.plugins.bitmask import apply_token_bitmask_
+from autoglm_trt.plugins.bitmask import apply_token_bitmask_, unpack_bitmask
 from autoglm_trt.processing.actions import Action, ActionSyntaxError, parse_action, parse_reply
 from autoglm_trt.processing.structured import GrammarCompiler, StructuredOutputs, allocate_bitmask
 from autoglm_trt.processing.tokenizer import Tokenizer
@@ -205,3 +205,35 @@ def test_sampled_replies_parse_with_open_autoglm(compiler, tokenizer, one_thread
         assert theirs["_metadata"] == ("finish" if ours.is_finish else "do")
         if not ours.is_finish:
             assert theirs["action"] in (ours.name, "Type")  # they read Type_Name as Type
+
+
+def test_token_budget_always_reaches_the_answer(compiler, tokenizer, one_thread) -> None:
+    """With the request's max_tokens, the thought and strings are bounded: a reply never runs out."""
+    pool = torch.zeros(64, VOCAB_SIZE)  # flat logits but for text: nothing tilts toward closing
+    pool[:, tokenizer.encode("a")[0]] = 5.0
+    pool[:, tokenizer.encode("do")[0]] = 4.0
+    for budget in (40, 100, 300):
+        state = compiler.new_state(StructuredOutputs.actions(max_tokens=budget), [])
+        text = _sample_reply(state, tokenizer, pool, seed=budget, limit=budget)
+        assert len(tokenizer.encode(text)) <= budget
+        parse_reply(text)
+
+
+def test_token_budget_closes_strings(compiler, tokenizer) -> None:
+    state = compiler.new_state(StructuredOutputs.actions(max_tokens=100), [])
+    head = '<think>a</think><answer>do(action="Type", text="'
+    assert state.accept_tokens(tokenizer.encode(head)) == len(tokenizer.encode(head))
+    a, mask, written = tokenizer.encode("a")[0], allocate_bitmask(1, VOCAB_SIZE), 0
+    while True:
+        state.fill_bitmask(mask, 0)
+        allowed = unpack_bitmask(mask, VOCAB_SIZE)[0]
+        if not allowed[a]:
+            break
+        assert state.accept_token(a)
+        written += 1
+    assert 0 < written <= 100 // 8  # the string's characters are bounded ...
+    close = allowed.nonzero().flatten().tolist()
+    assert all(tokenizer.decode([t]).startswith('"') for t in close)  # ... and it must close properly
+    rest = tokenizer.encode('")</answer>')
+    assert state.accept_tokens(rest) == len(rest) and state.is_stopped()
+    assert parse_reply(head + "a" * written + '")').action == Action("Type", {"text": "a" * written})

@@ -166,6 +166,8 @@ def test_constrain_actions_server_option(tokenizer) -> None:
     with serve(tokenizer, "x", constrain_actions=True, reasoning_parser="glm45") as server:
         chat(server)
         assert server.engine.last_constraint() == StructuredOutputs.actions()
+        chat(server, max_tokens=3000)
+        assert server.engine.last_constraint() == StructuredOutputs.actions(max_tokens=3000)
         chat(server, response_format={"type": "json_object"})
         assert server.engine.last_constraint() == StructuredOutputs.json_object(after_reasoning=True)
 

@@ -29,6 +29,10 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 _LABELS = {"json": "JSON schema", "json_object": "json_object", "regex": "regex", "choice": "choice",
            "grammar": "grammar", "actions": "actions grammar"}
 _MAX_ERROR = 600  # characters of llguidance's message kept in ours
+# a token budget's split: the longest answer's syntax (<answer>do(action="Tap", element=[999,999], message=
+# ...)</answer> with gaps: ~25 tokens on GLM-4's vocabulary, one per character at worst ~60) and its string
+ACTION_SYNTAX_TOKENS = 64
+ACTION_STRING_CHARS = 200
 
 
 class GrammarCompiler:
@@ -133,9 +137,29 @@ def _grammar_text(so: StructuredOutputs, start: str | None) -> str:
             return m.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in json.loads(so.spec)))
         if so.kind == "grammar":
             return llguidance.grammar_from("grammar", so.spec)  # Lark, or GBNF converted to Lark
-        return m.grammar_from_lark(f"start: {start}\n" + ACTIONS_LARK.read_text(encoding="utf-8"))
+        return m.grammar_from_lark(actions_grammar(start, int(so.spec) if so.spec else None))
     except ValueError as exc:
         raise StructuredOutputError(f"invalid {_LABELS[so.kind]}: {_short(str(exc))}") from None
+
+
+def actions_grammar(start: str, max_tokens: int | None) -> str:
+    """actions.lark with its start rule and, given a token budget, bounds that keep the reply within it:
+    a string of at most `chars` characters (<= 3 tokens each: a CJK character is 3 bytes), the thought
+    whatever the answer cannot need."""
+    text = f"start: {start}\n" + ACTIONS_LARK.read_text(encoding="utf-8")
+    if max_tokens is None:
+        return text
+    chars = max(1, min(ACTION_STRING_CHARS, max_tokens // 8))
+    thought = max(1, max_tokens - ACTION_SYNTAX_TOKENS - 3 * chars)
+    text = text.replace("\nthought: ", f"\nthought[max_tokens={thought}]: ", 1)
+    lines = text.splitlines()
+    for i, line in enumerate(lines):  # NOTE: '"/' closes the string's regex: bound its repetition
+        if line.startswith("TEXT: "):
+            lines[i] = line.replace(']*"/', f']{{0,{chars}}}"/', 1)
+        elif line.startswith("NAME: "):
+            lines[i] = line.replace(']+"/', f']{{1,{chars}}}"/', 1)
+    text = "\n".join(lines)
+    return text
 
 
 def _short(message: str) -> str:

@@ -23,7 +23,8 @@ class StructuredOutputError(ValueError):
 class StructuredOutputs:
     kind: str  # one of KINDS
     # json: the schema as JSON text (property order kept: it is the order the output follows);
-    # regex: the pattern; choice: a JSON list of the strings; grammar: Lark or GBNF text; else ""
+    # regex: the pattern; choice: a JSON list of the strings; grammar: Lark or GBNF text;
+    # actions: "" or the reply's token budget (decimal), which bounds the thought and the strings
     spec: str = ""
     # the constraint starts after the model's `</think>` (glm45 reasoning parser, as vLLM does); the
     # reasoning before it is free. The actions grammar spans the whole reply and ignores this.
@@ -36,6 +37,8 @@ class StructuredOutputs:
             raise StructuredOutputError(f"spec must be a string, got {type(self.spec).__name__}")
         if self.kind in ("json", "regex", "choice", "grammar") and not self.spec:
             raise StructuredOutputError(f"a {self.kind} constraint needs a non-empty spec")
+        if self.kind == "actions" and self.spec and not (self.spec.isdigit() and int(self.spec) > 0):
+            raise StructuredOutputError(f"an actions constraint's spec is a token budget, got {self.spec!r}")
 
     @property
     def key(self) -> tuple[str, str]:
@@ -81,9 +84,10 @@ class StructuredOutputs:
         return cls("grammar", text, after_reasoning)
 
     @classmethod
-    def actions(cls) -> "StructuredOutputs":
-        """The phone agent's whole reply: <think>...</think><answer>ACTION</answer> (actions.lark)."""
-        return cls("actions")
+    def actions(cls, max_tokens: int | None = None) -> "StructuredOutputs":
+        """The phone agent's whole reply: <think>...</think><answer>ACTION</answer> (actions.lark); with
+        `max_tokens` (the request's) the thought and strings are bounded so the reply ends within it."""
+        return cls("actions", "" if max_tokens is None else str(int(max_tokens)))
 
     def with_reasoning(self, after_reasoning: bool) -> "StructuredOutputs":
         return StructuredOutputs(self.kind, self.spec, after_reasoning and self.kind != "actions")

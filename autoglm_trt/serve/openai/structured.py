@@ -105,8 +105,11 @@ def structured_request(req: Any, after_reasoning: bool = False, constrain_action
         raise ServeError(f"only one structured-output constraint per request; got {', '.join(p for p, _ in asks)}",
                          param=asks[1][0])
     if not asks:
-        return StructuredRequest(StructuredOutputs.actions() if constrain_actions else None,
-                                 "constrain-actions" if constrain_actions else None)
+        if not constrain_actions:
+            return StructuredRequest(None)
+        # NOTE: bounded by the request's max_tokens, the reply always ends in its </answer>
+        budget = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        return StructuredRequest(StructuredOutputs.actions(budget), "constrain-actions")
     param, make = asks[0]
     try:
         so, tool_mode, tool_name = make()
