@@ -202,3 +202,23 @@ def test_package_imports_no_torch_or_llguidance() -> None:
             "print('torch' in sys.modules, 'llguidance' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_step_bitmasks_touch_only_constrained_rows(compiler, tokenizer) -> None:
+    from autoglm_trt.plugins.bitmask import apply_token_bitmask_
+    from autoglm_trt.processing.structured import StepBitmasks
+
+    prompt = tokenizer.encode("<|assistant|>")
+    json_row = compiler.new_state(StructuredOutputs.json_schema(SCHEMA), [])
+    reasoning_row = compiler.new_state(StructuredOutputs.regex("ok", True), prompt)  # still thinking
+    choice_row = compiler.new_state(StructuredOutputs.choice(["yes", "no"]), [])
+    step = StepBitmasks(max_rows=8, vocab_size=VOCAB_SIZE)
+    assert step.fill([(reasoning_row, 0)]) is None  # nothing constrained: the step skips masking
+    logits = torch.randn(4, VOCAB_SIZE)
+    before = logits.clone()
+    bitmask, rows = step.fill([(json_row, 3), (reasoning_row, 0), (choice_row, 1)])
+    assert rows.tolist() == [3, 1]
+    apply_token_bitmask_(logits, bitmask, rows)
+    assert torch.equal(logits[[0, 2]], before[[0, 2]])  # free rows untouched
+    for row, state in ((3, json_row), (1, choice_row)):
+        assert torch.equal(torch.isfinite(logits[row]), allowed(state))

@@ -4,6 +4,7 @@ into per-request grammar states that fill token bitmasks (llguidance; docs/struc
 Imports no torch and no llguidance until a grammar is compiled or a bitmask allocated.
 """
 
+from autoglm_trt.processing.structured.batch import StepBitmasks
 from autoglm_trt.processing.structured.compiler import GrammarCompiler, compiler_for
 from autoglm_trt.processing.structured.spec import (
     KINDS,
@@ -19,4 +20,4 @@ from autoglm_trt.processing.structured.state import (
 )
 
 __all__ = ["KINDS", "GrammarCompiler", "compiler_for", "GrammarState", "StructuredOutputError", "StructuredOutputs",
-           "allocate_bitmask", "bitmask_width", "fill_bitmasks", "tool_call_schema"]
+           "StepBitmasks", "allocate_bitmask", "bitmask_width", "fill_bitmasks", "tool_call_schema"]
