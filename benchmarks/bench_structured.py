@@ -1,8 +1,10 @@
 """Grammar backends for structured outputs, side by side on a vocabulary of the real size (CPU only).
 
-For xgrammar and llguidance (each in a process of its own, so memory figures do not mix): the one-time
+For xgrammar and llguidance (each in a process of its own, so memory figures do not mix): the import, the one-time
 tokenizer set-up, the compile time of a typical JSON schema (a tool's arguments: enums, bounded integers, a
-nested array of objects, free strings), of json_object, a regex and a choice, the CPU time to fill one row's
+nested array of objects, free strings), of json_object, a regex, a choice and (llguidance only) the phone
+agent's action grammar (a whole `<think>...</think><answer>...</answer>` reply, 3,000-token budget), the
+first mask after compiling, the CPU time to fill one row's
 token bitmask at every position of a valid output (mean / p50 / p99 / max over the tokens), the same for 32
 rows filled together by the library's thread pool, and the resident memory each step added.
 
@@ -27,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from autoglm_trt.processing.structured.compiler import actions_grammar  # noqa: E402
 from autoglm_trt.processing.tokenizer_files import EOS_TOKEN_IDS, VOCAB_SIZE  # noqa: E402
 
 SCHEMA = {
@@ -54,6 +57,10 @@ DOCUMENT = {
 REGEX = r"(Tap|Swipe) at \[[0-9]{1,3}, ?[0-9]{1,3}\]( because [a-z ]{1,40})?"
 REGEX_TEXT = "Swipe at [512, 87] because the list continues below"
 CHOICES = ["positive", "negative", "neutral", "不确定"]
+# the phone agent's reply under `serve --constrain-actions` (llguidance only: the grammar uses its & and ~)
+REPLY = ("<think>用户要在微信里给张三发消息。当前在桌面，微信不在前台，先启动微信，再找到张三的对话。</think>\n"
+         '<answer>do(action="Launch", app="微信")</answer>')
+KINDS = ("json", "json_object", "regex", "choice", "actions")
 BATCH = 32
 
 
@@ -102,7 +109,8 @@ class LLGuidance:
                    "json_object": lambda: m.grammar_from_json_schema({"type": "object"}),
                    "regex": lambda: m.grammar_from_regex(spec),
                    "choice": lambda: m.grammar_from_lark(
-                       "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec))}[kind]()
+                       "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec)),
+                   "actions": lambda: m.grammar_from_lark(actions_grammar("reply", spec))}[kind]()
         matcher = self.llg.LLMatcher(self.tok, grammar, log_level=0)
         assert not matcher.is_error(), matcher.get_error()
         return matcher
@@ -140,6 +148,8 @@ class XGrammar:
         self.batch = xgr.BatchGrammarMatcher()
 
     def compile(self, kind: str, spec):
+        if kind == "actions":
+            raise NotImplementedError
         c = self.compiler
         return {"json": lambda: c.compile_json_schema(json.dumps(spec)),
                 "json_object": lambda: c.compile_builtin_json_grammar(),
@@ -201,8 +211,10 @@ def run_child(name: str, tokenizer_path: str) -> dict:
                  "tokenizer_setup_ms": setup_ms, "tokenizer_setup_rss_mb": rss_mb() - rss1}
     doc = json.dumps(DOCUMENT, ensure_ascii=False)
     cases = {"json": (SCHEMA, doc), "json_object": (None, doc), "regex": (REGEX, REGEX_TEXT),
-             "choice": (CHOICES, CHOICES[3])}
+             "choice": (CHOICES, CHOICES[3]), "actions": (3000, REPLY)}
     for kind, (spec, text) in cases.items():
+        if kind == "actions" and name != "llguidance":
+            continue
         rss_before = rss_mb()
         compiled, compile_ms = timed(lambda: backend.compile(kind, spec))
         ids = tokenizer.encode(text, add_special_tokens=False).ids + [EOS_TOKEN_IDS[0]]
@@ -225,7 +237,7 @@ def print_table(results: list[dict]) -> None:
         for what in ("import", "tokenizer_setup"):
             print(f"{r['backend']:<11} {what:<12} {r[what + '_ms']:>10.0f} {'':>9} {'':>9} {'':>12} {'':>7} "
                   f"{'':>8} {'':>8} {'':>13} {r[what + '_rss_mb']:>8.1f}")
-        for kind in ("json", "json_object", "regex", "choice"):
+        for kind in [k for k in KINDS if k in r]:
             c, m, b = r[kind], r[kind]["mask"], r[kind][f"mask_batch{BATCH}"]
             print(f"{'':<11} {kind:<12} {c['compile_ms']:>10.1f} {c['first_mask_ms']:>9.2f} "
                   f"{c['compile_again_ms'] + c['first_mask_again_ms']:>9.1f} {m['mean_us']:>12.1f} {m['p50_us']:>7.1f} "

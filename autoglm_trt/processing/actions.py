@@ -13,10 +13,12 @@ A reply is `<think>THOUGHT</think><answer>ACTION</answer>`; ACTION is one call:
     finish(message="...")
 
 Points are on a 0-999 grid (origin top-left). Strings are one line without quotes or backslashes (what
-both ways Open-AutoGLM reads them, a raw slice and a Python literal, agree on). Whitespace around `=`, `,`
-and inside points is tolerated, as their ast-based parser tolerates it; everything else is strict: an
-unknown action, a missing, extra or misplaced argument, a coordinate off the grid is an ActionSyntaxError.
-structured/actions.lark is the same language as a grammar (tests hold the two to the same examples).
+both ways Open-AutoGLM reads them, a raw slice and a Python literal, agree on). The thought must not hold
+"do(action=", "finish(message=" or the tags as text (their client and the reasoning parser split there).
+Whitespace around `=`, `,` and inside points is tolerated, as their ast-based parser tolerates it; everything
+else is strict: an unknown action, a missing, extra or misplaced argument, a coordinate off the grid is an
+ActionSyntaxError. structured/actions.lark is the same language as a grammar, a little stricter (no "=" or
+"<" at all in the thought, canonical spacing); tests hold the two to the same examples.
 """
 
 from __future__ import annotations
@@ -156,9 +158,6 @@ def _string(key: str, raw: str) -> str:
     value = raw[1:-1]
     if key in ("action", "app") and not value:
         raise ActionSyntaxError(f"{key}= must not be empty")
-    marker = next((m for m in _MARKERS if m in value), None)
-    if marker is not None:
-        raise ActionSyntaxError(f"{key}= must not contain {marker!r}")
     return value
 
 

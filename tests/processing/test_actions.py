@@ -24,6 +24,7 @@ WELL_FORMED = [
      {"element": (0, 999), "message": "确认支付"}),
     ('do(action="Type", text="Hello World")', "Type", {"text": "Hello World"}),
     ('do(action="Type", text="")', "Type", {"text": ""}),
+    ('do(action="Type", text="1+1=2 (ok) <b>")', "Type", {"text": "1+1=2 (ok) <b>"}),
     ('do(action="Type_Name", text="张三")', "Type_Name", {"text": "张三"}),
     ('do(action="Swipe", start=[500,800], end=[500,200])', "Swipe", {"start": (500, 800), "end": (500, 200)}),
     ('do(action="Long Press", element=[10,20])', "Long Press", {"element": (10, 20)}),
@@ -56,7 +57,6 @@ MALFORMED = [
     'do(action="Type", text="say "hi"")',                 # quote inside a string
     'do(action="Type", text="a\\b")',                     # backslash inside a string
     'do(action="Type", text="line\nbreak")',              # newline inside a string
-    'do(action="Type", text="finish(message=x")',         # a marker their client splits on
     'do(action="Wait", duration="2")',
     'do(action="Wait", duration="soon seconds")',
     'do(action="Back"',                                   # unclosed
@@ -130,6 +130,7 @@ def test_grammar_reply_shape(compiler, tokenizer) -> None:
     assert grammar_accepts(compiler, tokenizer, f"<think>\nx\n</think>\n<answer>\n{ok}\n</answer>")
     assert not grammar_accepts(compiler, tokenizer, f"<answer>{ok}</answer>")  # the thought is required
     assert not grammar_accepts(compiler, tokenizer, reply(ok, thought="then do(action=\"Home\")"))
+    assert not grammar_accepts(compiler, tokenizer, reply(ok, thought="x <b> y"))
     assert not grammar_accepts(compiler, tokenizer, reply(ok) + "more")
     # the prompt already opened the think block / already closed it
     assert grammar_accepts(compiler, tokenizer, f"x</think><answer>{ok}</answer>", "<|assistant|><think>")

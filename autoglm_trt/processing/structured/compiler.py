@@ -32,7 +32,7 @@ _MAX_ERROR = 600  # characters of llguidance's message kept in ours
 # a token budget's split: the longest answer's syntax (<answer>do(action="Tap", element=[999,999], message=
 # ...)</answer> with gaps: ~25 tokens on GLM-4's vocabulary, one per character at worst ~60) and its string
 ACTION_SYNTAX_TOKENS = 64
-ACTION_STRING_CHARS = 200
+ACTION_STRING_TOKENS = 128
 
 
 class GrammarCompiler:
@@ -144,21 +144,14 @@ def _grammar_text(so: StructuredOutputs, start: str | None) -> str:
 
 def actions_grammar(start: str, max_tokens: int | None) -> str:
     """actions.lark with its start rule and, given a token budget, bounds that keep the reply within it:
-    a string of at most `chars` characters (<= 3 tokens each: a CJK character is 3 bytes), the thought
-    whatever the answer cannot need."""
+    a string gets at most an eighth of the budget (<= 128 tokens), the thought what the answer cannot need."""
     text = f"start: {start}\n" + ACTIONS_LARK.read_text(encoding="utf-8")
     if max_tokens is None:
         return text
-    chars = max(1, min(ACTION_STRING_CHARS, max_tokens // 8))
-    thought = max(1, max_tokens - ACTION_SYNTAX_TOKENS - 3 * chars)
-    text = text.replace("\nthought: ", f"\nthought[max_tokens={thought}]: ", 1)
-    lines = text.splitlines()
-    for i, line in enumerate(lines):  # NOTE: '"/' closes the string's regex: bound its repetition
-        if line.startswith("TEXT: "):
-            lines[i] = line.replace(']*"/', f']{{0,{chars}}}"/', 1)
-        elif line.startswith("NAME: "):
-            lines[i] = line.replace(']+"/', f']{{1,{chars}}}"/', 1)
-    text = "\n".join(lines)
+    string = max(1, min(ACTION_STRING_TOKENS, max_tokens // 8))
+    thought = max(1, max_tokens - ACTION_SYNTAX_TOKENS - string)
+    for rule, limit in (("thought", thought), ("chars", string)):
+        text = text.replace(f"\n{rule}: ", f"\n{rule}[max_tokens={limit}]: ", 1)
     return text
 
 
