@@ -222,3 +222,12 @@ def test_step_bitmasks_touch_only_constrained_rows(compiler, tokenizer) -> None:
     assert torch.equal(logits[[0, 2]], before[[0, 2]])  # free rows untouched
     for row, state in ((3, json_row), (1, choice_row)):
         assert torch.equal(torch.isfinite(logits[row]), allowed(state))
+
+
+def test_a_state_in_error_lets_the_row_end(compiler, tokenizer) -> None:
+    state = compiler.new_state(StructuredOutputs.regex("ok"), [])
+    assert not state.accept_token(tokenizer.encode("x")[0]) and state.error
+    assert set(allowed(state).nonzero().flatten().tolist()) == set(tokenizer.eos_token_ids)
+    batch = allocate_bitmask(2, VOCAB_SIZE)
+    fill_bitmasks([(state, 1), (compiler.new_state(StructuredOutputs.regex("ok"), []), 0)], batch)
+    assert set(unpack_bitmask(batch[1:], VOCAB_SIZE)[0].nonzero().flatten().tolist()) == set(tokenizer.eos_token_ids)

@@ -61,8 +61,18 @@ class GrammarState:
         if not self.constrained:
             bitmask[row].fill_(ALL_ALLOWED)
             return
+        if self.matcher.is_error():
+            self._eos_only(bitmask, row)
+            return
         view = bitmask[row]
         self.matcher.unsafe_compute_mask_ptr(view.data_ptr(), view.numel() * 4)
+
+    def _eos_only(self, bitmask: "torch.Tensor", row: int) -> None:
+        """A state in error (a token the mask did not allow was accepted) lets the row end, never NaNs."""
+        bitmask[row].zero_()
+        for token in self.eos_token_ids:
+            word = int(bitmask[row, token // 32]) | (1 << (token % 32))
+            bitmask[row, token // 32] = word - (1 << 32) if word >= 1 << 31 else word  # NOTE: int32 wrap
 
     def accept_token(self, token: int) -> bool:
         """Advance by one sampled token; False when the grammar refuses it (the state is then in error)."""
@@ -139,10 +149,10 @@ def fill_bitmasks(rows: list[tuple[GrammarState, int]], bitmask: "torch.Tensor")
     global _executor
     pairs = []
     for state, row in rows:
-        if state.constrained:
+        if state.constrained and not state.matcher.is_error():
             pairs.append((state.matcher, row))
         else:
-            bitmask[row].fill_(ALL_ALLOWED)
+            state.fill_bitmask(bitmask, row)  # all allowed while reasoning; eos only after an error
     if len(pairs) == 1:  # NOTE: no thread hand-off for a single row
         matcher, row = pairs[0]
         matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), bitmask.shape[1] * 4)
