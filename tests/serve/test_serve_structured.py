@@ -214,3 +214,32 @@ def test_truncated_tool_call_comes_back_as_content(tokenizer) -> None:
         choice = resp["choices"][0]
         assert choice["finish_reason"] == "length" and choice["message"]["content"] == '{"x":'
         assert choice["message"]["tool_calls"] == []
+
+
+# ---- gRPC: TensorRT-LLM's guided decoding inputs --------------------------------------------------------
+def test_grpc_guided_decoding_inputs(tokenizer) -> None:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    def inputs(guide_type: str, guide: str) -> list:
+        out = []
+        for name, value in (("text_input", "hi"), ("guided_decoding_guide_type", guide_type),
+                            ("guided_decoding_guide", guide)):
+            tensor = grpcclient.InferInput(name, [1, 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[value.encode()]], dtype=object))
+            out.append(tensor)
+        return out
+
+    with serve(tokenizer, "42") as server:
+        grpc_client = grpcclient.InferenceServerClient(server.grpc_url)
+        grpc_client.infer("ensemble", inputs("regex", "[0-9]+"), headers={"authorization": "Bearer test-key"})
+        assert server.engine.last_constraint() == StructuredOutputs.regex("[0-9]+")
+        grpc_client.infer("ensemble", inputs("json_schema", json.dumps(TAP)),
+                          headers={"authorization": "Bearer test-key"})
+        assert server.engine.last_constraint() == StructuredOutputs.json_schema(TAP)
+        for guide_type, guide, words in (("regex", "(unclosed", "invalid regex"), ("yaml", "x", "must be one of")):
+            with pytest.raises(InferenceServerException, match=words) as info:
+                grpc_client.infer("ensemble", inputs(guide_type, guide), headers={"authorization": "Bearer test-key"})
+            assert "INVALID_ARGUMENT" in str(info.value.status())
+        grpc_client.close()

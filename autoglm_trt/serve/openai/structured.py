@@ -174,15 +174,36 @@ def _tool_dicts(tools: list[Tool]) -> list[dict]:
 
 def validate(spec: StructuredRequest, engine: Any) -> None:
     """Compile the constraint now (cached for the engine); blocking: call it in a worker thread."""
-    if spec.constraint is None:
+    validate_constraint(spec.constraint, engine, spec.param)
+
+
+def validate_constraint(so: StructuredOutputs | None, engine: Any, param: str | None) -> None:
+    if so is None:
         return
     from autoglm_trt.processing.structured import compiler_for
 
     compiler = compiler_for(engine.tokenizer, engine.model_config.text.vocab_size)
     try:
-        compiler.validate(spec.constraint)
+        compiler.validate(so)
     except StructuredOutputError as exc:
-        raise ServeError(f"{spec.param}: {exc}", param=spec.param) from None
+        raise ServeError(f"{param}: {exc}", param=param) from None
+
+
+def guided_decoding(guide_type: str, guide: str | None) -> StructuredOutputs:
+    """TensorRT-LLM's (guided_decoding_guide_type, guided_decoding_guide) inputs of the ensemble model."""
+    so = StructuredOutputs
+    makers = {"json": lambda: so.json_object(), "json_schema": lambda: so.json_schema(guide),
+              "regex": lambda: so.regex(guide), "ebnf_grammar": lambda: so.grammar(guide)}
+    if guide_type not in makers:
+        raise ServeError(f"guided_decoding_guide_type must be one of {', '.join(makers)}, got {guide_type!r}",
+                         param="guided_decoding_guide_type")
+    if guide_type != "json" and not guide:
+        raise ServeError(f"guided_decoding_guide_type {guide_type} needs guided_decoding_guide",
+                         param="guided_decoding_guide")
+    try:
+        return makers[guide_type]()
+    except StructuredOutputError as exc:
+        raise ServeError(f"guided_decoding_guide: {exc}", param="guided_decoding_guide") from None
 
 
 def attach(params: list, spec: StructuredRequest) -> list:
