@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from autoglm_trt.processing.structured.spec import StructuredOutputs
+
 # NOTE: temperatures below this are treated as greedy (argmax); dividing by them would overflow fp32.
 GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_LOGPROBS = 20
@@ -40,6 +42,7 @@ class SamplingParams:
     logprobs: int | None = None  # None = none; N = sampled token's logprob plus the top N
     skip_special_tokens: bool = True  # detokenizer option
     priority: int = 0  # lower value is scheduled first; ties go first come, first served
+    structured_outputs: StructuredOutputs | None = None  # the output's grammar (processing/structured)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,6 +55,8 @@ class SamplingParams:
         self._validate_floats()
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            raise ValueError(f"structured_outputs must be a StructuredOutputs, got {self.structured_outputs!r}")
 
     def _validate_ints(self) -> None:
         for name in ("max_tokens", "top_k", "priority"):

@@ -49,6 +49,8 @@ def serve_cmd(
     tp: Optional[int] = typer.Option(None, "--tp", "--tensor-parallel-size",
                                      help="tensor-parallel GPUs (default: an engine directory's own, else 1)"),
     reasoning_parser: Optional[str] = typer.Option(None, help="glm45: split <think> into reasoning_content"),
+    constrain_actions: bool = typer.Option(False, help="every chat reply that asks for no other format is a "
+                                           "well-formed phone-agent step: <think>...</think><answer>ACTION</answer>"),
     dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     num_kv_blocks: Optional[int] = typer.Option(None, help="fixed number of KV blocks"),
@@ -88,7 +90,8 @@ def _server_config(o: dict):
             allow_remote_media=o["allow_remote_media"], max_pixels=o["max_pixels"] or mm.get("max_pixels"),
             max_image_pixels=o["max_image_pixels"],
             limit_images_per_prompt=int(limits.get("image", o["limit_images_per_prompt"])),
-            reasoning_parser=o["reasoning_parser"], log_requests=o["log_requests"])
+            reasoning_parser=o["reasoning_parser"], log_requests=o["log_requests"],
+            constrain_actions=o["constrain_actions"])
     except (ValueError, TypeError) as exc:
         raise UserError(str(exc)) from None
 

@@ -26,6 +26,7 @@ class ServerConfig:
     max_image_bytes: int = 32 << 20  # encoded size limit of one image
     limit_images_per_prompt: int = 10
     reasoning_parser: str | None = None  # "glm45": always split <think> into reasoning_content
+    constrain_actions: bool = False  # chat replies without a constraint of their own follow actions.lark
     remote_media_timeout_s: float = 10.0
     log_requests: bool = False
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from autoglm_trt.engine.sampling_params import SamplingParams
 from autoglm_trt.serve.errors import ServeError
+from autoglm_trt.serve.openai.structured import guided_decoding
 
 MODEL_PLATFORM = "ensemble"
 # name -> (datatype, shape) as ModelMetadata reports them; all optional except text_input
@@ -29,6 +30,8 @@ INPUTS = {
     "return_log_probs": ("BOOL", [-1, 1]), "return_context_logits": ("BOOL", [-1, 1]),
     "return_generation_logits": ("BOOL", [-1, 1]), "exclude_input_in_output": ("BOOL", [-1, 1]),
     "embedding_bias_words": ("BYTES", [-1, -1]), "embedding_bias_weights": ("FP32", [-1, -1]),
+    # TensorRT-LLM's guided decoding: json | json_schema | regex | ebnf_grammar (serve/openai/structured.py)
+    "guided_decoding_guide_type": ("BYTES", [-1, 1]), "guided_decoding_guide": ("BYTES", [-1, 1]),
 }
 OUTPUTS = {"text_output": ("BYTES", [-1, -1]), "cum_log_probs": ("FP32", [-1, -1]),
            "output_log_probs": ("FP32", [-1, -1, -1])}
@@ -111,6 +114,10 @@ def _params(arrays: dict[str, np.ndarray], i: int, batch: int, num_prompt: int,
     kwargs["stop"] = _words(arrays, "stop_words", i, batch)
     if val("return_log_probs"):
         kwargs["logprobs"] = 0
+    guide_type, guide = val("guided_decoding_guide_type"), val("guided_decoding_guide")
+    if guide_type:
+        kwargs["structured_outputs"] = guided_decoding(guide_type.decode("utf-8", "replace"),
+                                                       guide.decode("utf-8", "replace") if guide else None)
     try:
         return SamplingParams(**kwargs)
     except ValueError as exc:

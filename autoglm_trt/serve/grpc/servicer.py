@@ -19,6 +19,7 @@ from autoglm_trt.serve.grpc import inference_pb2 as pb
 from autoglm_trt.serve.grpc import inference_pb2_grpc as pb_grpc
 from autoglm_trt.serve.grpc.tensors import add_output, input_arrays
 from autoglm_trt.serve.openai.prompt import run_processor
+from autoglm_trt.serve.openai.structured import validate_constraint
 from autoglm_trt.serve.state import ServeState
 
 log = logging.getLogger("autoglm_trt.serve")
@@ -127,6 +128,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             prompts = [run_processor(lambda t=t: engine.processor.process_text(t)) for t in texts]
             parsed = ensemble.parse(arrays, [o.name for o in request.outputs], streaming_rpc,
                                     [len(p.prompt_token_ids) for p in prompts], max_len)
+            for params in parsed.params:
+                validate_constraint(params.structured_outputs, engine, "guided_decoding_guide")
             return parsed, prompts
 
         return await self.state.preprocess(work)

@@ -10,6 +10,7 @@ from autoglm_trt.processing.reasoning import ReasoningStream, split as split_rea
 from autoglm_trt.serve.async_engine import RequestStream, merge_outputs
 from autoglm_trt.serve.errors import ServeError, body_for
 from autoglm_trt.serve.openai import protocol as P
+from autoglm_trt.serve.openai import structured as S
 from autoglm_trt.serve.openai.logprobs import chat_logprobs, token_id_text
 from autoglm_trt.serve.openai.messages import check_parts, to_engine_messages
 from autoglm_trt.serve.openai.prompt import run_processor
@@ -29,6 +30,7 @@ class _Run:
     want_reasoning: bool
     include_usage: bool = False
     token_ids_as_text: bool = False
+    structured: S.StructuredRequest = S.StructuredRequest(None)
     created: int = field(default_factory=P.now)
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
@@ -57,17 +59,18 @@ async def create_chat_completion(state: ServeState, req: P.ChatCompletionRequest
     state.check_model(req.model)
     engine = state.engine
     check_parts(req.messages, state.config.limit_images_per_prompt)
-    prompt = await state.preprocess(lambda: _build_prompt(state, engine, req))
+    spec = S.structured_request(req, S.after_reasoning(state.config, req), state.config.constrain_actions)
+    prompt = await state.preprocess(lambda: (S.validate(spec, engine), _build_prompt(state, engine, req))[1])
     top = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, req.max_completion_tokens or req.max_tokens, top,
-                             len(prompt.prompt_token_ids), state.max_model_len)
+    params = S.attach(sampling_params(req, req.max_completion_tokens or req.max_tokens, top,
+                                      len(prompt.prompt_token_ids), state.max_model_len), spec)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     ids = [request_id if req.n == 1 else f"{request_id}-{i}" for i in range(req.n)]
     streams = await state.client.add_requests([(rid, prompt, p) for rid, p in zip(ids, params)])
     want_reasoning = bool(req.return_reasoning) or state.config.reasoning_parser is not None
     run = _Run(state, request_id, streams, top, want_reasoning,
                include_usage=bool(req.stream_options and req.stream_options.include_usage),
-               token_ids_as_text=req.return_tokens_as_token_ids)
+               token_ids_as_text=req.return_tokens_as_token_ids, structured=spec)
     run.num_prompt_tokens = len(prompt.prompt_token_ids)
     if req.stream:
         return StreamingResult(_stream(run), lambda: _abort_all(state, streams))
@@ -104,7 +107,8 @@ async def _collect(run: _Run) -> dict:
     choices = []
     for i in range(n):
         reasoning, content = split_reasoning(texts[i]) if run.want_reasoning else (None, texts[i])
-        choices.append(P.chat_choice(i, content, reasoning, finish[i], run.logprobs(entries[i])))
+        choice = P.chat_choice(i, content, reasoning, finish[i], run.logprobs(entries[i]))
+        choices.append(S.finish_choice(choice, run.structured))
     return P.chat_completion(run.request_id, run.state.config.served_model_name, run.created,
                              choices, run.usage())
 
@@ -112,6 +116,7 @@ async def _collect(run: _Run) -> dict:
 async def _stream(run: _Run) -> AsyncIterator[bytes]:
     model = run.state.config.served_model_name
     splitters = [ReasoningStream() if run.want_reasoning else None for _ in run.streams]
+    tools = [S.ToolCallStream(run.structured) if run.structured.tool_mode else None for _ in run.streams]
 
     def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
         return event(P.chat_chunk(run.request_id, model, run.created, choices, usage, run.include_usage))
@@ -123,6 +128,8 @@ async def _stream(run: _Run) -> AsyncIterator[bytes]:
             run.account(i, out)
             d = _delta(splitters[i], out.new_text, out.finished)
             finish = out.finish_reason if out.finished else None
+            if tools[i] is not None:
+                d, finish = tools[i].transform(d, out.finished), tools[i].finish_reason(finish)
             lp = run.logprobs(out.logprobs)
             if d or finish or lp:
                 yield chunk([P.chunk_choice(i, d, finish, lp)])

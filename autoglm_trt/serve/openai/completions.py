@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator
 from autoglm_trt.serve.async_engine import merge_outputs
 from autoglm_trt.serve.errors import ServeError, body_for
 from autoglm_trt.serve.openai import protocol as P
+from autoglm_trt.serve.openai import structured as S
 from autoglm_trt.serve.openai.logprobs import CompletionLogprobs, token_id_text
 from autoglm_trt.serve.openai.prompt import run_processor
 from autoglm_trt.serve.openai.sampling import sampling_params
@@ -45,12 +46,13 @@ async def create_completion(state: ServeState, req: P.CompletionRequest) -> dict
     if req.suffix:
         raise ServeError("suffix is not supported by this model", param="suffix")
     prompts = _prompts(req)
-    processed = await state.preprocess(lambda: [_process(engine, p) for p in prompts])
+    spec = S.structured_request(req)
+    processed = await state.preprocess(lambda: (S.validate(spec, engine), [_process(engine, p) for p in prompts])[1])
     request_id = f"cmpl-{uuid.uuid4().hex}"
     items = []
     for k, prompt in enumerate(processed):
-        params = sampling_params(req, req.max_tokens or 16, req.logprobs,
-                                 len(prompt.prompt_token_ids), state.max_model_len)
+        params = S.attach(sampling_params(req, req.max_tokens or 16, req.logprobs,
+                                          len(prompt.prompt_token_ids), state.max_model_len), spec)
         items += [(f"{request_id}-{k * req.n + i}", prompt, p) for i, p in enumerate(params)]
     streams = await state.client.add_requests(items)
     echo = [_echo_text(engine, p, prompts[k]) if req.echo else "" for k, p in enumerate(processed)

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from autoglm_trt.serve.errors import ServeError
+from autoglm_trt.serve.openai.structured import StructuredFields, ToolFields
 
 MAX_N = 16
 
@@ -57,8 +58,8 @@ class MMProcessorKwargs(_Model):
     max_pixels: int | None = Field(default=None, gt=0)
 
 
-class _SamplingFields(_Model):
-    """Fields shared by /v1/chat/completions and /v1/completions."""
+class _SamplingFields(_Model, StructuredFields):
+    """Fields shared by /v1/chat/completions and /v1/completions (structured outputs: structured.py)."""
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -82,7 +83,7 @@ class _SamplingFields(_Model):
     user: str | None = None
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_SamplingFields, ToolFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
