@@ -7,6 +7,7 @@ which then run exactly the same forward pass.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -64,6 +65,7 @@ class ModelStep:
     penalties: list[tuple[float, float, list[int]]] | None = None  # window rows: (frequency, presence, output ids)
     sampling: list[Sequence] | None = None  # rank 0 only: the sampling rows (never sent to other ranks)
     drafts: list[list[int]] | None = None  # rank 0 only: per scheduled row, the draft tokens to verify
+    logits_mask: Callable | None = None  # rank 0 only: -> (bitmask, logits rows) of constrained rows, or None
 
     @property
     def is_window(self) -> bool:
@@ -72,7 +74,7 @@ class ModelStep:
 
     def for_workers(self) -> "ModelStep":
         """What the other tensor-parallel ranks get (sampling is rank 0's business)."""
-        return replace(self, sampling=None, drafts=None)
+        return replace(self, sampling=None, drafts=None, logits_mask=None)
 
 
 def seq_positions(seq: Sequence, start: int, end: int) -> torch.Tensor:

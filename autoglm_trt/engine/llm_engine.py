@@ -15,6 +15,7 @@ import torch
 
 from autoglm_trt.config import MODEL_MAXIMUM, EngineConfig, ModelConfig
 from autoglm_trt.engine.batch import prepare_step
+from autoglm_trt.engine.constraints import Constraints
 from autoglm_trt.engine.executor import shutdown_on_error, start_executor
 from autoglm_trt.engine.output_processor import OutputProcessor
 from autoglm_trt.engine.outputs import EngineStats, RequestOutput, StepFuture
@@ -54,6 +55,8 @@ class _InFlight:
 
 
 class LLMEngine:
+    supports_structured_outputs = True  # SamplingParams.structured_outputs is honoured (engine/constraints.py)
+
     def __init__(self, config: EngineConfig, model=None) -> None:
         from autoglm_trt.models.loader import apply_quantization, load_model
 
@@ -80,6 +83,8 @@ class LLMEngine:
                                    max_window_rows=self.runner.max_window_rows,
                                    proposer=Proposer(config.speculative) if config.speculative.enabled else None)
         self.output = OutputProcessor(self.tokenizer, self.scheduler)
+        self.constraints = Constraints(self.tokenizer, self.model_config.text.vocab_size,
+                                       config.scheduler.max_num_seqs, self.device)
         self._inflight: _InFlight | None = None  # the step launched on the device, not yet read
         gc.collect()
         gc.freeze()  # NOTE: start-up objects leave the GC's generations: fewer, shorter pauses per step
@@ -109,6 +114,7 @@ class LLMEngine:
                                f"{n + params.max_tokens} tokens, but max_model_len is {limit}; shorten the "
                                "prompt or lower max_tokens", param="max_tokens")
         seq = Sequence.from_prompt(request_id, prompt, params)
+        self.constraints.attach(seq)
         self.scheduler.add(seq)
         self.output.add(seq)
 
@@ -126,6 +132,7 @@ class LLMEngine:
         if done is None:
             return []
         result = done.future.result()
+        result.token_ids = self.constraints.accept(done.out, result.token_ids)
         self._inflight = self._launch(self.scheduler.schedule_continuation(done.out, result.token_ids))
         self.scheduler.update(done.out, result.token_ids)
         outputs = self.output.process(done.out, result)
@@ -138,7 +145,9 @@ class LLMEngine:
             return None
         first_chunks = [s.seq for s in out.scheduled if s.seq.images and s.start < s.seq.num_prompt_tokens]
         self.runner.encode_images(first_chunks)
-        return _InFlight(out, self.executor.execute(prepare_step(out, self.config.cache.block_size)))
+        step = prepare_step(out, self.config.cache.block_size)
+        step.logits_mask = self.constraints.mask_fn(step)
+        return _InFlight(out, self.executor.execute(step))
 
     def _forget_if_ended(self) -> None:
         """A window in flight whose rows all ended (stop strings, aborts) is never read: its device work

@@ -22,6 +22,7 @@ from autoglm_trt.engine.sequence import Sequence
 from autoglm_trt.layers import parallel
 from autoglm_trt.layers.context import AttentionContext, reset_context, set_context
 from autoglm_trt.layers.sampler import Sampler, SamplingMetadata
+from autoglm_trt.plugins.bitmask import apply_token_bitmask_
 from autoglm_trt.utils.logging import log
 
 
@@ -169,6 +170,9 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, step: ModelStep) -> ModelOutput:
         if step.drafts is not None:
             return self._verify(logits, step)
+        mask = step.logits_mask() if step.logits_mask is not None else None  # NOTE: the CPU works, the GPU runs
+        if mask is not None:
+            apply_token_bitmask_(logits, *mask)
         meta = SamplingMetadata.from_sequences(step.sampling, self.model_cfg.text.vocab_size, logits.device)
         result = self.sampler(logits, meta)
         tokens, lps = iter(result.token_ids), iter(result.logprobs or [])

@@ -45,7 +45,11 @@ class OutputProcessor:
         rid = seq.request_id
         state, sent = self._text[rid], self._sent[rid]
         new_ids = seq.output_token_ids[sent:]
-        text, kept = _feed(state, new_ids)
+        # NOTE: as vLLM does, the token that stopped the request (an eos or stop id) adds no text
+        by_token = seq.finish_reason == "stop" and state.stopped_by is None and bool(new_ids)
+        fed = new_ids[:-1] if by_token else new_ids
+        text, kept = _feed(state, fed)
+        kept = len(new_ids) if kept == len(fed) else kept
         if kept < len(new_ids):  # a stop string completed before the step's last token
             self.scheduler.finish_at(seq, sent + kept)
             new_ids, logprobs = new_ids[:kept], logprobs[:kept] if logprobs else logprobs

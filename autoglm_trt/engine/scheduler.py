@@ -79,6 +79,10 @@ class SchedulerOutput:
         return [s.seq for s in self.scheduled if s.samples]
 
 
+def out_is_window(out: SchedulerOutput) -> bool:
+    return out.num_steps > 1 or out.continues
+
+
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
                  eos_token_ids: Iterable[int] = (), max_window_rows: int = 0, proposer: Proposer | None = None) -> None:
@@ -183,8 +187,9 @@ class Scheduler:
         if out.num_steps < 2 or self.waiting:
             return None
         for sch, tokens in zip(out.scheduled, produced):
-            if sch.seq.status is not SequenceStatus.RUNNING or self.stops_within(sch.seq, tokens):
-                return None
+            if (sch.seq.status is not SequenceStatus.RUNNING or len(tokens) < out.num_steps
+                    or self.stops_within(sch.seq, tokens)):
+                return None  # NOTE: fewer tokens: a grammar cut the row, the device's state went past it
         seqs = [s.seq for s in out.scheduled]
         steps = self._window_steps(seqs, ahead=out.num_steps)
         if steps < 1 or not self._reserve_window(seqs, out.num_steps, steps):
@@ -209,6 +214,8 @@ class Scheduler:
                 seq.num_computed_tokens = sch.start + sch.num_new_tokens
                 continue
             if not tokens:
+                if out_is_window(output):  # NOTE: a grammar refused the window's first token: no progress
+                    continue
                 raise ValueError(f"request {seq.request_id!r} reached its last token: it needs a sample")
             reason = self._append(seq, tokens)
             if sch.draft:
@@ -323,7 +330,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens - out.num_batched_tokens
         for sch in out.scheduled:
             seq, p = sch.seq, sch.seq.params
-            if sch.start < seq.num_prompt_tokens or not p.is_greedy or p.logprobs is not None:
+            if sch.start < seq.num_prompt_tokens or not p.is_greedy or p.logprobs is not None or seq.grammar:
                 continue
             # NOTE: a step yields drafts + 1 tokens: never ask for more than max_tokens / max_model_len leave
             room = min(p.max_tokens - seq.num_output_tokens, self.config.max_model_len - seq.num_tokens,
@@ -342,7 +349,7 @@ class Scheduler:
         for sch in out.scheduled:
             seq, p = sch.seq, sch.seq.params
             if (sch.start < seq.num_prompt_tokens or not p.is_greedy or p.repetition_penalty != 1.0
-                    or p.logprobs is not None):
+                    or p.logprobs is not None or seq.mask_next):
                 return False
         return True
 

@@ -69,6 +69,8 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first schedule
         self.block_table: list[int] = []  # KV block ids, covering num_computed_tokens (+ this step)
         self.block_hashes: list[bytes] = []  # chained hashes of full blocks (filled by BlockManager)
+        self.grammar: Any = None  # structured outputs: the request's grammar state (engine/constraints.py)
+        self.mask_next = False  # a window's tokens were cut by the grammar: the next one comes masked
 
     @classmethod
     def from_prompt(cls, request_id: str, prompt: Any, params: SamplingParams | None,

@@ -112,7 +112,8 @@ def tool_call_schema(tools: list[dict], name: str | None) -> dict:
     by_name = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
     if name is not None:
         return by_name[name]
+    # NOTE: a call is its name and parameters, nothing else (a weak model would otherwise add keys forever)
     calls = [{"type": "object",
               "properties": {"name": {"type": "string", "enum": [n]}, "parameters": params},
-              "required": ["name", "parameters"]} for n, params in by_name.items()]
+              "required": ["name", "parameters"], "additionalProperties": False} for n, params in by_name.items()]
     return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
