@@ -12,6 +12,10 @@ from typing import Optional
 import typer
 
 from autoglm_trt.errors import UserError
+from autoglm_trt.utils.choices import choice, device_choice, dtype_choice
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _json_option(raw: Optional[str], name: str) -> dict:
@@ -27,10 +31,11 @@ def _json_option(raw: Optional[str], name: str) -> dict:
 
 
 def serve_cmd(
-    model_dir: Path = typer.Argument(..., help="Hugging Face checkpoint or engine directory"),
+    model_dir: str = typer.Argument(..., help="Hugging Face checkpoint or engine directory, or a hub id in the "
+                                    "local Hugging Face cache (also --model / --model-path)"),
     host: str = typer.Option("0.0.0.0", help="address to listen on"),
     port: int = typer.Option(8000, help="OpenAI HTTP API port"),
-    grpc_port: int = typer.Option(8001, help="KServe v2 gRPC port (-1: no gRPC server)"),
+    grpc_port: int = typer.Option(8001, envvar="AUTOGLM_GRPC_PORT", help="KServe v2 gRPC port (-1: no gRPC server)"),
     served_model_name: str = typer.Option("autoglm-phone-9b", help="the model name clients send"),
     api_key: Optional[str] = typer.Option(None, envvar="AUTOGLM_API_KEY",
                                           help="require `Authorization: Bearer KEY` (HTTP and gRPC)"),
@@ -46,10 +51,11 @@ def serve_cmd(
     limit_images_per_prompt: int = typer.Option(10, help="images per prompt at most"),
     limit_mm_per_prompt: Optional[str] = typer.Option(None, help="vLLM style JSON, e.g. '{\"image\": 10}'"),
     max_image_pixels: int = typer.Option(64_000_000, help="decoded pixels per image at most (bomb guard)"),
-    tp: int = typer.Option(1, "--tp", "--tensor-parallel-size", help="tensor-parallel GPUs"),
+    tp: Optional[int] = typer.Option(None, "--tp", help="tensor-parallel GPUs (default: an engine directory's, "
+                                     "else 1; also --tensor-parallel-size, --tp-size)"),
     reasoning_parser: Optional[str] = typer.Option(None, help="glm45: split <think> into reasoning_content"),
-    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32", callback=dtype_choice),
+    device: str = typer.Option("auto", help="auto | cpu | cuda", callback=device_choice),
     num_kv_blocks: Optional[int] = typer.Option(None, help="fixed number of KV blocks"),
     block_size: Optional[int] = typer.Option(None, help="tokens per KV block"),
     enforce_eager: bool = typer.Option(False, help="no CUDA graphs"),
@@ -60,13 +66,27 @@ def serve_cmd(
     quantization: Optional[str] = typer.Option(None, "--quantization", "--quant",
                                                help="quantize a checkpoint at load: int8-wo | w8a8 | fp8 (e4m3 "
                                                "weights + activations, Ada/Hopper; vLLM's --quantization fp8)"),
-    log_requests: bool = typer.Option(False, help="log every HTTP request"),
+    log_requests: bool = typer.Option(False, help="log every HTTP request: route, status, time, prompt size"),
+    log_format: str = typer.Option("text", help="text | json (one JSON object per line)",
+                                   callback=choice("--log-format", LOG_FORMATS)),
+    log_level: str = typer.Option("info", help="debug | info | warning | error",
+                                  callback=choice("--log-level", LOG_LEVELS)),
+    max_request_bytes: int = typer.Option(32 << 20, help="HTTP request bodies larger than this get 413 (default "
+                                          "32 MiB: ten 1080x2400 screenshots as data URLs are ~12 MB)"),
+    accepted_flag: Optional[list[str]] = typer.Option(None, hidden=True, help="vLLM/SGLang flags with no meaning "
+                                                      "here (serve/flags.py puts them here to be logged)"),
 ) -> None:
     """Serve the model: OpenAI API over HTTP and KServe v2 over gRPC (/health is 503 until loaded)."""
     opts = dict(locals())  # NOTE: first statement: exactly the options above
+    from autoglm_trt.serve.flags import accepted_flag_note
     from autoglm_trt.serve.server import run_server
+    from autoglm_trt.utils.hub import resolve_model
 
-    run_server(_server_config(opts), _engine_args(opts))
+    opts["model_dir"] = resolve_model(model_dir)
+    notes = [accepted_flag_note(f) for f in accepted_flag or []]
+    if opts["model_dir"] != model_dir:
+        notes.append(f"{model_dir}: found in the Hugging Face cache at {opts['model_dir']}")
+    run_server(_server_config(opts), _engine_args(opts), notes)
 
 
 def _server_config(o: dict):
@@ -83,7 +103,8 @@ def _server_config(o: dict):
             allow_remote_media=o["allow_remote_media"], max_pixels=o["max_pixels"] or mm.get("max_pixels"),
             max_image_pixels=o["max_image_pixels"],
             limit_images_per_prompt=int(limits.get("image", o["limit_images_per_prompt"])),
-            reasoning_parser=o["reasoning_parser"], log_requests=o["log_requests"])
+            reasoning_parser=o["reasoning_parser"], log_requests=o["log_requests"], log_format=o["log_format"],
+            log_level=o["log_level"], max_request_bytes=o["max_request_bytes"])
     except (ValueError, TypeError) as exc:
         raise UserError(str(exc)) from None
 

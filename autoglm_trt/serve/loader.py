@@ -17,7 +17,7 @@ class EngineArgs:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     gpu_memory_utilization: float | None = None
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int | None = None  # None: an engine directory's, else 1
     num_kv_blocks: int | None = None
     block_size: int | None = None
     dtype: str = "auto"
@@ -31,11 +31,26 @@ class EngineArgs:
 
 @dataclass
 class LoadReport:
+    """What the start-up log says about the loaded engine."""
+
     engine: Any
     seconds: float
     devices: str
     memory: str
-    kv_tokens: int
+    kv_tokens: int  # tokens the KV cache holds (all sequences together)
+    dtype: str  # the weights' float dtype as loaded ("bfloat16")
+    quant: str  # none | int8-wo | w8a8 | fp8
+    tp: int
+    max_model_len: int
+    max_model_len_source: str  # why max_model_len has its value
+
+
+def max_model_len_source(args: EngineArgs, engine: Any) -> str:
+    """Who set max-model-len: the flag, else what the engine says about its own choice (if it says)."""
+    if args.max_model_len is not None:
+        return "--max-model-len"
+    # NOTE: the engine may explain its default (the model's maximum, lowered to the KV cache's capacity)
+    return str(getattr(engine, "max_model_len_source", None) or "the engine's default")
 
 
 def engine_config(args: EngineArgs) -> Any:
@@ -44,12 +59,11 @@ def engine_config(args: EngineArgs) -> Any:
     optional = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
                 "max_num_batched_tokens": args.max_num_batched_tokens,
                 "gpu_memory_utilization": args.gpu_memory_utilization, "num_blocks": args.num_kv_blocks,
-                "block_size": args.block_size, "quant": args.quant}
+                "block_size": args.block_size, "quant": args.quant, "tensor_parallel_size": args.tensor_parallel_size}
     kwargs = {k: v for k, v in optional.items() if v is not None}
     return engine_config_from_kwargs(args.model_dir, dtype=args.dtype, device=args.device,
                                      enforce_eager=args.enforce_eager, seed=args.seed,
                                      enable_prefix_caching=args.enable_prefix_caching,
-                                     tensor_parallel_size=args.tensor_parallel_size,
                                      image_preprocess_device=args.image_preprocess_device, **kwargs)
 
 
@@ -62,8 +76,13 @@ def load_engine(args: EngineArgs) -> LoadReport:
     engine = LLMEngine(config)
     seconds = time.perf_counter() - t0
     stats = engine.get_stats()
-    kv_tokens = stats.num_total_blocks * config.cache.block_size
-    return LoadReport(engine, seconds, describe_devices(), describe_memory(), kv_tokens)
+    kv_tokens = stats.num_total_blocks * engine.config.cache.block_size
+    dtype = getattr(getattr(engine, "runner", None), "dtype", None) or engine.config.dtype
+    return LoadReport(engine, seconds, describe_devices(), describe_memory(), kv_tokens,
+                      dtype=str(dtype).replace("torch.", ""), quant=str(engine.config.quant),
+                      tp=engine.config.parallel.tensor_parallel_size,
+                      max_model_len=engine.config.scheduler.max_model_len,
+                      max_model_len_source=max_model_len_source(args, engine))
 
 
 def describe_devices() -> str:
