@@ -76,9 +76,9 @@ class Tokenizer:
     def max_token_chars(self) -> int:
         """The most characters one token stands for: a text of N characters has at least
         N / max_token_chars tokens (lets a server refuse a huge prompt without tokenizing it)."""
-        size = self.backend.get_vocab_size(with_added_tokens=True)
-        texts = self.backend.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
-        return max(1, *(len(t) for t in texts))
+        ids = self.backend.get_vocab(with_added_tokens=True).values()  # NOTE: added tokens' ids may lie past the BPE's
+        texts = self.backend.decode_batch([[i] for i in ids], skip_special_tokens=False)
+        return max((len(t) for t in texts), default=1)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special tokens written in the text ("<|image|>") become their ids."""

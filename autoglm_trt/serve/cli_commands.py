@@ -31,8 +31,9 @@ def _json_option(raw: Optional[str], name: str) -> dict:
 
 
 def serve_cmd(
-    model_dir: str = typer.Argument(..., help="Hugging Face checkpoint or engine directory, or a hub id in the "
-                                    "local Hugging Face cache (also --model / --model-path)"),
+    model_dir: Optional[str] = typer.Argument(None, help="Hugging Face checkpoint or engine directory, or a hub id "
+                                              "in the local Hugging Face cache", show_default=False),
+    model: Optional[str] = typer.Option(None, "--model", "--model-path", help="the model, vLLM's and SGLang's way"),
     host: str = typer.Option("0.0.0.0", help="address to listen on"),
     port: int = typer.Option(8000, help="OpenAI HTTP API port"),
     grpc_port: int = typer.Option(8001, envvar="AUTOGLM_GRPC_PORT", help="KServe v2 gRPC port (-1: no gRPC server)"),
@@ -82,10 +83,15 @@ def serve_cmd(
     from autoglm_trt.serve.server import run_server
     from autoglm_trt.utils.hub import resolve_model
 
-    opts["model_dir"] = resolve_model(model_dir)
+    if model_dir and model and model_dir != model:
+        raise UserError(f"the model is given twice ({model_dir} and --model {model}): name it once")
+    name = model_dir or model
+    if not name:
+        raise UserError("no model: `autoglm-trt serve MODEL_DIR` (or --model MODEL_DIR)")
+    opts["model_dir"] = resolve_model(name)
     notes = [accepted_flag_note(f) for f in accepted_flag or []]
-    if opts["model_dir"] != model_dir:
-        notes.append(f"{model_dir}: found in the Hugging Face cache at {opts['model_dir']}")
+    if opts["model_dir"] != name:
+        notes.append(f"{name}: found in the Hugging Face cache at {opts['model_dir']}")
     run_server(_server_config(opts), _engine_args(opts), notes)
 
 

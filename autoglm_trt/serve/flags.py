@@ -1,9 +1,9 @@
 """vLLM's and SGLang's spellings of `serve`'s flags, so their deployment command lines run unchanged.
 
 `normalize_serve_argv` rewrites the command line before typer parses it: `--a_b` becomes `--a-b` (vLLM
-accepts both), an alias becomes our flag (`--context-length` -> `--max-model-len`), `--model X` /
-`--model-path X` becomes the positional MODEL, and a flag that means nothing for this engine is dropped
-and remembered as a hidden `--accepted-flag NAME=VALUE`, which `serve` logs once (one line each).
+accepts both), an alias becomes our flag (`--context-length` -> `--max-model-len`), and a flag that means
+nothing for this engine is dropped and remembered as a hidden `--accepted-flag NAME=VALUE`, which `serve`
+logs once (one line each). (`--model` / `--model-path` are `serve`'s own options.)
 Anything else passes through for typer to accept or refuse. The README's flag table mirrors ALIASES.
 
 Nothing heavy is imported here: every command line passes through this module.
@@ -47,12 +47,9 @@ def _sglang_mm_config(raw: str) -> list[str]:
     return ["--mm-processor-kwargs", json.dumps(image)]
 
 
-MODEL = "<model>"  # the positional argument
 # flag (dash form, no leading --) -> Alias. Our own flags need no entry: their underscore forms are
 # normalized like any other flag's.
 ALIASES: dict[str, Alias] = {
-    # the model: vLLM's --model, SGLang's --model-path
-    "model": Alias(MODEL), "model-path": Alias(MODEL),
     # vLLM
     "tensor-parallel-size": Alias("--tp"),
     "enable-prefix-caching": Alias("--prefix-caching", False),
@@ -102,7 +99,7 @@ def normalize_serve_argv(argv: list[str]) -> list[str]:
     """The command line with `serve`'s foreign flags rewritten (other commands: unchanged)."""
     if "serve" not in argv[:1]:
         return list(argv)
-    out, models, i = ["serve"], [], 1
+    out, i = ["serve"], 1
     while i < len(argv):
         token = argv[i]
         i += 1
@@ -121,16 +118,11 @@ def normalize_serve_argv(argv: list[str]) -> list[str]:
             if i >= len(argv):
                 raise UserError(f"--{name} needs a value")
             value, i = argv[i], i + 1
-        out += _rewrite(name, alias, value, models)
-    if len(set(models)) > 1:
-        raise UserError(f"the model is given twice ({' and '.join(models)}): name it once")
-    return out[:1] + models[:1] + out[1:]
+        out += _rewrite(name, alias, value)
+    return out
 
 
-def _rewrite(name: str, alias: Alias, value: str | None, models: list[str]) -> list[str]:
-    if alias.ours == MODEL:
-        models.append(value or "")
-        return []
+def _rewrite(name: str, alias: Alias, value: str | None) -> list[str]:
     if alias.ours is None:
         return [ACCEPTED_FLAG, name if value is None else f"{name}={value}"]
     if alias.convert is not None:

@@ -48,6 +48,7 @@ def run_server(config: ServerConfig, args: EngineArgs, notes: list[str] | None =
     check_engine_args(args)
     raise_open_files_limit()
     sock = bind_http(config.host, config.port)
+    check_grpc_port(config.host, config.grpc_port)
     asyncio.run(_serve(config, args, sock))
 
 
@@ -59,21 +60,42 @@ def check_engine_args(args: EngineArgs) -> None:
         raise UserError(str(exc)) from None
 
 
-def bind_http(host: str, port: int) -> socket.socket:
-    """The HTTP socket, bound here so that a taken port is a clear error (uvicorn would exit with a traceback).
-    SO_REUSEADDR only (a restart may bind over connections in TIME_WAIT), never SO_REUSEPORT."""
+def _bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port with SO_REUSEADDR only (a restart may bind over connections in
+    TIME_WAIT), never SO_REUSEPORT (two servers would share the port); OSError when the port is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-    except OSError as exc:
+    except OSError:
         sock.close()
+        raise
+    return sock
+
+
+def bind_http(host: str, port: int) -> socket.socket:
+    """The HTTP socket, bound here so that a taken port is a clear error (uvicorn would exit with a traceback)."""
+    try:
+        sock = _bound_socket(host, port)
+    except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port} for HTTP ({exc.strerror or exc}): is another server "
                         f"using it? Choose another --port") from None
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def check_grpc_port(host: str, port: int) -> None:
+    """Refuse a taken gRPC port before grpc tries it (its C core would log its own error lines first)."""
+    if port <= 0:
+        return
+    wildcard = host in ("0.0.0.0", "::", "")
+    try:
+        _bound_socket("::" if wildcard and socket.has_ipv6 else host, port).close()  # NOTE: grpc binds [::] too
+    except OSError as exc:
+        raise UserError(f"cannot listen on port {port} for gRPC ({exc.strerror or exc}): is another server using "
+                        f"it? Choose another --grpc-port, or -1 for no gRPC server") from None
 
 
 def _url_host(host: str) -> str:
