@@ -80,7 +80,6 @@ def serve_cmd(
     """Serve the model: OpenAI API over HTTP and KServe v2 over gRPC (/health is 503 until loaded)."""
     opts = dict(locals())  # NOTE: first statement: exactly the options above
     from autoglm_trt.serve.flags import accepted_flag_note
-    from autoglm_trt.serve.server import run_server
     from autoglm_trt.utils.hub import resolve_model
 
     if model_dir and model and model_dir != model:
@@ -92,6 +91,8 @@ def serve_cmd(
     notes = [accepted_flag_note(f) for f in accepted_flag or []]
     if opts["model_dir"] != name:
         notes.append(f"{name}: found in the Hugging Face cache at {opts['model_dir']}")
+    from autoglm_trt.serve.server import run_server  # NOTE: after the cheap checks: it imports the whole stack
+
     run_server(_server_config(opts), _engine_args(opts), notes)
 
 

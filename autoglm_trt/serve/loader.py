@@ -49,6 +49,10 @@ def max_model_len_source(args: EngineArgs, engine: Any) -> str:
     """Who set max-model-len: the flag, else what the engine says about its own choice (if it says)."""
     if args.max_model_len is not None:
         return "--max-model-len"
+    from autoglm_trt.builder.manifest import is_engine_dir  # NOTE: a torch-free leaf module
+
+    if is_engine_dir(args.model_dir):
+        return "the engine's build (build --max-seq-len)"
     # NOTE: the engine may explain its default (the model's maximum, lowered to the KV cache's capacity)
     return str(getattr(engine, "max_model_len_source", None) or "the engine's default")
 
