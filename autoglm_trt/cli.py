@@ -8,10 +8,24 @@ from typing import Optional
 
 import typer
 
+from autoglm_trt import __version__
 from autoglm_trt.errors import UserError
+from autoglm_trt.utils.choices import DTYPES, choice, device_choice, dtype_choice
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fast inference engines for AutoGLM-Phone-9B (GLM-4.1V): build, calibrate, serve.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"autoglm-trt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Fast inference engines for AutoGLM-Phone-9B (GLM-4.1V): build, calibrate, serve."""
 
 
 @app.command("init-random")
@@ -19,14 +33,30 @@ def init_random_cmd(
     out: Path = typer.Argument(..., help="new directory to write the checkpoint into"),
     preset: str = typer.Option("tiny", help="tiny (seconds, CPU tests) or phone-9b (the real 9B shape)"),
     seed: int = typer.Option(0, help="random seed of the weights"),
-    dtype: Optional[str] = typer.Option(None, help="bfloat16 | float16 | float32 (default: the preset's)"),
-    device: str = typer.Option("cpu", help="where to draw the random numbers (cuda is much faster for 9B)"),
+    dtype: Optional[str] = typer.Option(None, help="bfloat16 | float16 | float32 (default: the preset's)",
+                                        callback=choice("--dtype", DTYPES[1:], {"bf16": "bfloat16", "fp16": "float16",
+                                                                                "fp32": "float32"})),
+    device: str = typer.Option("cpu", help="where to draw the random numbers (cuda is much faster for 9B)",
+                               callback=choice("--device", ("cpu", "cuda"))),
 ) -> None:
     """Write a Hugging Face GLM-4.1V model directory with random weights (real layout, real tokenizer)."""
-    from autoglm_trt.models.random_checkpoint import init_random
+    from autoglm_trt.models.random_checkpoint import PRESETS, init_random
+    from autoglm_trt.utils.atomic_dir import atomic_directory
 
-    path = init_random(out, preset=preset, seed=seed, dtype=dtype, device=device)
-    typer.echo(f"wrote {preset} checkpoint to {path}")
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if device == "cuda":
+        _check_cuda("--device cuda")
+    with atomic_directory(out) as tmp:  # NOTE: an interrupted 9B write must not block the rerun
+        init_random(tmp, preset=preset, seed=seed, dtype=dtype, device=device)
+    typer.echo(f"wrote {preset} checkpoint to {out}")
+
+
+def _check_cuda(flag: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"{flag}: torch sees no CUDA GPU on this machine (use cpu)")
 
 
 @app.command()
@@ -40,8 +70,8 @@ def generate(
     seed: Optional[int] = typer.Option(None),
     system: Optional[str] = typer.Option(None, help="system prompt"),
     raw: bool = typer.Option(False, help="send the prompt as raw text, without the chat template"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda", callback=device_choice),
+    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32", callback=dtype_choice),
 ) -> None:
     """Generate a reply offline, streaming tokens to the terminal."""
     from autoglm_trt.generate import run_generate
@@ -78,8 +108,8 @@ def calibrate(
     onnx: Optional[Path] = typer.Option(None, help="decoder ONNX graph: also write a Q/DQ copy (decoder_qdq.onnx)"),
     report: bool = typer.Option(False, "--report", help="compare INT8 with the float model and print it"),
     report_mode: str = typer.Option("all", help="w8a8 | int8-wo | fp8 | all (= both INT8 modes)"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda", callback=device_choice),
+    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32", callback=dtype_choice),
     trt_version: str = typer.Option("10.0.0", help="TensorRT version written in the calibration cache header"),
 ) -> None:
     """Collect INT8 activation statistics: TensorRT calibration cache, SmoothQuant scales, Q/DQ ONNX, report."""
@@ -97,23 +127,37 @@ app.command("serve")(serve_cmd)
 app.command("bench")(bench_cmd)
 
 
-def main() -> None:
-    """Console entry point: a UserError is one red line and exit code 2, never a traceback."""
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point: a user mistake (a UserError or a usage error) is one red line and exit code 2,
+    never a traceback."""
+    from autoglm_trt.serve.flags import normalize_serve_argv
+
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(standalone_mode=False)
+        app(args=normalize_serve_argv(args), prog_name="autoglm-trt", standalone_mode=False)
     except UserError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+        _error(str(exc))
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # usage errors (bad option, missing argument): click's or typer's own copy
-        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
-            exc.show()
+    except Exception as exc:  # NOTE: click's exceptions, or the copy vendored in newer typer: matched by shape
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `autoglm-trt` alone: the help, as asked
+            exc.show()  # type: ignore[attr-defined]
             sys.exit(2)
+        if type(exc).__name__ == "Abort":
+            typer.echo("aborted", err=True)
+            sys.exit(130)
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # a usage error: bad option, missing argument
+            ctx = getattr(exc, "ctx", None)
+            _error(f"{exc.format_message()} (see `{ctx.command_path if ctx else 'autoglm-trt'} --help`)")
         raise
+
+
+def _error(message: str) -> None:
+    typer.secho(f"error: {' '.join(message.split())}", fg=typer.colors.RED, err=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -79,6 +80,9 @@ def main(model_dir: str) -> None:
         print(f"\n{chunks} stream chunks, finish_reason={finish}, usage: {usage.prompt_tokens} prompt tokens "
               f"(with the screenshot's image tokens), {usage.completion_tokens} completion tokens")
         print("demo: a real request was answered by `autoglm-trt serve` on", base)
+        exe = Path(sys.executable).with_name("autoglm-trt")  # NOTE: it lives in the venv, not on PATH
+        print(f"demo: run it yourself: {exe} serve {model_dir}  (or `source {exe.parent}/activate`, then "
+              f"`autoglm-trt --help`)")
     finally:
         proc.terminate()
         proc.wait(timeout=30)

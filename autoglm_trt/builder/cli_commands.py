@@ -23,6 +23,11 @@ def _limits(max_batch_size: int, max_seq_len: int | None, max_num_tokens: int, m
         raise UserError(str(exc)) from None
 
 
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out} is a file: name a new directory")
+
+
 def _print_parity(parity) -> None:
     from rich.table import Table
 
@@ -55,6 +60,7 @@ def export_cmd(
     from autoglm_trt.builder.export import export_onnx
     from autoglm_trt.builder.options import ExportConfig
 
+    _check_out(out)
     try:
         cfg = ExportConfig(opset=opset, dtype=dtype, verify=not skip_verify, with_llm=llm, with_vision=vision,
                            limits=_limits(max_batch_size, max_seq_len, max_num_tokens, max_image_patches))
@@ -97,6 +103,7 @@ def build_cmd(
     from autoglm_trt.builder.build import build_engine
     from autoglm_trt.builder.options import BuildConfig, parse_int_list
 
+    _check_out(out)
     try:
         sizes = parse_int_list(cuda_graph_batch_sizes) or ()
         cfg = BuildConfig(dtype=dtype, quant=quant, act_quant=act_quant, tp=tp, page_size=page_size, cuda_graph_batch_sizes=sizes,
@@ -117,7 +124,8 @@ def build_cmd(
         from autoglm_trt.calibration.command import print_report
         from autoglm_trt.calibration.report import engine_accuracy_report
 
-        print_report({cfg.quant: engine_accuracy_report(model_dir, out, device=report_device, samples=report_samples)})
+        print_report({cfg.quant: engine_accuracy_report(model_dir, out, device=report_device, samples=report_samples,
+                                                         show_progress=True)})
 
 
 def _check_report(cfg, device: str) -> None:

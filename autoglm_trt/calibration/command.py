@@ -38,7 +38,8 @@ def run_calibrate(model_dir: Path, out: Path, *, dataset: Path | None, method: s
     if report:
         from autoglm_trt.calibration.report import accuracy_report
 
-        reports = {m: accuracy_report(model_dir, out, m, device=device, dtype=dtype) for m in REPORT_MODES[report_mode]}
+        reports = {m: accuracy_report(model_dir, out, m, device=device, dtype=dtype, show_progress=True)
+                   for m in REPORT_MODES[report_mode]}
         update_summary(out, report=reports)
         print_report(reports)
 

@@ -19,6 +19,8 @@ from autoglm_trt.calibration.runner import resolve_device
 from autoglm_trt.calibration.samples import HELDOUT_DATASET, HELDOUT_TEXT, encode, forward, load_samples
 from autoglm_trt.layers.quant import quantize_model
 from autoglm_trt.processing.inputs import InputProcessor
+from autoglm_trt.utils.logging import log
+from autoglm_trt.utils.progress import step_progress
 
 _CHUNK = 256  # positions per LM-head call (bounds the [chunk, vocab] fp32 logits)
 
@@ -51,14 +53,16 @@ def _compare(ref_model, q_model, h_ref: torch.Tensor, h_q: torch.Tensor, keep: t
 
 
 @torch.inference_mode()
-def _run_set(ref_model, q_model, processor, samples, device, max_pixels) -> dict:
+def _run_set(ref_model, q_model, processor, samples, device, max_pixels, label: str | None = None) -> dict:
     tot = _Totals()
-    for sample in samples:
-        prompt = encode(processor, sample, max_pixels)
-        ids = torch.tensor(prompt.prompt_token_ids, device=device)
-        keep = ids != processor.image_token_id
-        _compare(ref_model, q_model, forward(ref_model, prompt, device), forward(q_model, prompt, device),
-                 keep, None, tot)
+    with step_progress(label or "", len(samples), enabled=label is not None) as advance:
+        for sample in samples:
+            prompt = encode(processor, sample, max_pixels)
+            ids = torch.tensor(prompt.prompt_token_ids, device=device)
+            keep = ids != processor.image_token_id
+            _compare(ref_model, q_model, forward(ref_model, prompt, device), forward(q_model, prompt, device),
+                     keep, None, tot)
+            advance()
     return {"samples": len(samples), **tot.metrics()}
 
 
@@ -79,19 +83,24 @@ def _perplexity(ref_model, q_model, processor, text: str, device, max_tokens: in
             "relative_change": round(ppl_q / ppl_ref - 1.0, 6), **tot.metrics()}
 
 
-def _report(ref, q, model_dir, dev, header: dict, calib, samples, max_pixels, max_ppl_tokens) -> dict:
+def _report(ref, q, model_dir, dev, header: dict, calib, samples, max_pixels, max_ppl_tokens,
+            show_progress: bool = False) -> dict:
     """header + the three comparisons every report holds: calibration prompts (calib's set and image size, or the
     shipped set when calib is None), held-out prompts, perplexity text."""
     info = calib.info if calib is not None else {}
     max_pixels = max_pixels if max_pixels is not None else info.get("max_pixels")
     calib_set = load_samples(info.get("dataset"), samples or (calib.num_samples if calib is not None else None) or None)
     processor = InputProcessor.from_dir(model_dir)
+    label = f"report {header['mode']}" if show_progress else None
+    calib_row = _run_set(ref, q, processor, calib_set, dev, max_pixels, label and f"{label}: calibration set")
+    heldout = _run_set(ref, q, processor, load_samples(HELDOUT_DATASET, samples), dev, max_pixels,
+                       label and f"{label}: held-out set")
+    if label:
+        log(f"{label}: perplexity text")
+    ppl = _perplexity(ref, q, processor, HELDOUT_TEXT.read_text(encoding="utf-8"), dev, max_ppl_tokens)
     return {**header, "device": str(dev), "reference_dtype": _dtype_name(ref),
             "calibration_method": calib.method if calib is not None else None,
-            "calibration_set": _run_set(ref, q, processor, calib_set, dev, max_pixels),
-            "heldout_set": _run_set(ref, q, processor, load_samples(HELDOUT_DATASET, samples), dev, max_pixels),
-            "perplexity": _perplexity(ref, q, processor, HELDOUT_TEXT.read_text(encoding="utf-8"), dev,
-                                      max_ppl_tokens)}
+            "calibration_set": calib_row, "heldout_set": heldout, "perplexity": ppl}
 
 
 def _dtype_name(model) -> str:
@@ -112,7 +121,7 @@ def accuracy_report(model_dir: str | Path, calib_dir: str | Path, mode: str, *, 
     q = load_model(model_dir, dtype=dtype, device=dev, show_progress=show_progress)
     quantize_model(q, mode, calib if mode == "w8a8" else None, calib.smooth_alpha, act_quant=act_quant)
     header = {"mode": mode, "act_quant": act_quant if mode == "w8a8" else None}
-    return _report(ref, q, model_dir, dev, header, calib, samples, max_pixels, max_ppl_tokens)
+    return _report(ref, q, model_dir, dev, header, calib, samples, max_pixels, max_ppl_tokens, show_progress)
 
 
 def engine_accuracy_report(model_dir: str | Path, engine_dir: str | Path, *, device: str = "auto",
@@ -131,4 +140,4 @@ def engine_accuracy_report(model_dir: str | Path, engine_dir: str | Path, *, dev
     calib_dir = Path(engine_dir) / "calibration"
     calib = load_calibration(calib_dir) if calib_dir.is_dir() else None
     header = {"mode": manifest.quantization["mode"], "act_quant": manifest.quantization.get("act_quant")}
-    return _report(ref, q, model_dir, dev, header, calib, samples, max_pixels, max_ppl_tokens)
+    return _report(ref, q, model_dir, dev, header, calib, samples, max_pixels, max_ppl_tokens, show_progress)

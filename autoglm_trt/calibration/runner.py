@@ -31,6 +31,7 @@ from autoglm_trt.calibration.samples import (
 from autoglm_trt.layers.quant import compute_smooth_scales
 from autoglm_trt.processing.inputs import InputProcessor
 from autoglm_trt.utils.logging import log
+from autoglm_trt.utils.progress import step_progress
 
 
 @dataclass(frozen=True)
@@ -59,16 +60,21 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _run_all(model: nn.Module, processor: InputProcessor, samples: list[Sample], device: torch.device,
-             max_pixels: int | None) -> None:
-    for sample in samples:
-        forward(model, encode(processor, sample, max_pixels), device)
+             max_pixels: int | None, label: str | None = None) -> None:
+    """Forward every sample; a progress bar (or, off a terminal, a line now and then) when `label` is given."""
+    with step_progress(label or "", len(samples), enabled=label is not None) as advance:
+        for sample in samples:
+            forward(model, encode(processor, sample, max_pixels), device)
+            advance()
 
 
 def collect(model: nn.Module, processor: InputProcessor, samples: list[Sample], opts: CalibrateOptions,
-            device: torch.device) -> CalibrationResult:
+            device: torch.device, show_progress: bool = False) -> CalibrationResult:
     """Two passes over the samples (amax, then histograms unless method == max) -> statistics."""
+    passes = 1 if opts.method == "max" else 2
+    labels = [f"calibration pass {i}/{passes}" if show_progress else None for i in (1, 2)]
     with AmaxObserver(model) as obs:
-        _run_all(model, processor, samples, device, opts.max_pixels)
+        _run_all(model, processor, samples, device, opts.max_pixels, labels[0])
     channel = obs.channel_amax  # key -> [K]
     scales = compute_smooth_scales(model, channel, opts.smooth_alpha)
     inv = {k: 1.0 / s for k, s in scales.items()}
@@ -77,7 +83,7 @@ def collect(model: nn.Module, processor: InputProcessor, samples: list[Sample], 
     act, smoothed = dict(hi), dict(smooth_hi)
     if opts.method != "max":
         with HistogramObserver(model, hi, inv, smooth_hi) as hist:
-            _run_all(model, processor, samples, device, opts.max_pixels)
+            _run_all(model, processor, samples, device, opts.max_pixels, labels[1])
         act = {k: amax_from_histogram(hist.hists[k].numpy(), hi[k], opts.method, opts.percentile) for k in hi}
         smoothed = {k: amax_from_histogram(hist.mul_hists[k].numpy(), smooth_hi[k], opts.method, opts.percentile)
                     for k in hi}
@@ -102,7 +108,7 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, *, dataset: str | Path
     model = load_model(model_dir, dtype=dtype, device=dev, show_progress=show_progress)
     if show_progress:
         log(f"calibrating on {len(samples)} samples ({dataset or 'the shipped set'}), method {opts.method}")
-    result = collect(model, processor, samples, opts, dev)
+    result = collect(model, processor, samples, opts, dev, show_progress=show_progress)
     result.info = {"model_dir": str(Path(model_dir).resolve()), "dataset": str(dataset or DEFAULT_DATASET),
                    "device": str(dev), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                    "max_pixels": opts.max_pixels}

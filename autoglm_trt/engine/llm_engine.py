@@ -103,6 +103,7 @@ class LLMEngine:
             log(f"max-model-len {cap}: the model's maximum is {sched.max_model_len}, but the KV cache holds {cap} "
                 "tokens here (more needs gpu_memory_utilization, INT8/FP8 weights or tensor parallelism)")
             sched.max_model_len = cap
+            self.config.max_model_len_origin = f"the model's maximum, lowered to the KV cache's {cap} tokens"
         else:
             log(f"max-model-len {sched.max_model_len} ({self.config.max_model_len_origin})")
 

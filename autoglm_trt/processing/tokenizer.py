@@ -7,6 +7,7 @@ eos ids the model stops on (GLM-4.1V: <|endoftext|>, <|user|>, <|observation|>, 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -70,6 +71,14 @@ class Tokenizer:
         pad_name = _token_name(tok_cfg.get("pad_token"))
         pad_id = backend.token_to_id(pad_name) if pad_name else None
         return cls(backend, eos_ids, pad_id)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for: a text of N characters has at least
+        N / max_token_chars tokens (lets a server refuse a huge prompt without tokenizing it)."""
+        ids = self.backend.get_vocab(with_added_tokens=True).values()  # NOTE: added tokens' ids may lie past the BPE's
+        texts = self.backend.decode_batch([[i] for i in ids], skip_special_tokens=False)
+        return max((len(t) for t in texts), default=1)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special tokens written in the text ("<|image|>") become their ids."""

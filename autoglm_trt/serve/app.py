@@ -6,12 +6,16 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from autoglm_trt import __version__
 from autoglm_trt.errors import RequestError
 from autoglm_trt.serve.errors import body_for, error_body
+from autoglm_trt.serve.middleware import ApiKeyMiddleware, RequestLogMiddleware
+from autoglm_trt.serve.openai import protocol as P
 from autoglm_trt.serve.openai.router import ClientGone, build_router
 from autoglm_trt.serve.state import ServeState
 
@@ -19,10 +23,31 @@ log = logging.getLogger("autoglm_trt.serve")
 
 
 def build_app(state: ServeState) -> FastAPI:
-    app = FastAPI(title="autoglm-trt", version=__version__, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="autoglm-trt", version=__version__, docs_url="/docs", redoc_url=None,
+                  openapi_url="/openapi.json")
     app.state.serve = state
     app.include_router(build_router(state))
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    if state.config.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=state.config.api_key)
+    if state.config.log_requests:
+        app.add_middleware(RequestLogMiddleware)
+    _add_error_handlers(app, state)
+    return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, plus the request bodies the routes parse themselves (strictly, into 400s)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                             description="OpenAI-compatible API of autoglm-trt (`/v1/*` needs "
+                                         "`Authorization: Bearer KEY` when the server has --api-key)")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(P.openapi_components())
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _add_error_handlers(app: FastAPI, state: ServeState) -> None:
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> Response:
@@ -31,7 +56,10 @@ def build_app(state: ServeState) -> FastAPI:
         return JSONResponse(body_for(exc), status_code=exc.status, headers=headers)
 
     @app.exception_handler(ClientGone)
-    async def client_gone(request: Request, exc: ClientGone) -> Response:
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        log.debug("client %s hung up during %s %s", request.client.host if request.client else "-",
+                  request.method, request.url.path)
         return Response(status_code=499)  # nobody reads it; the engine requests are aborted
 
     @app.exception_handler(HTTPException)
@@ -51,5 +79,3 @@ def build_app(state: ServeState) -> FastAPI:
         log.exception("internal error while serving %s %s", request.method, request.url.path)
         return JSONResponse(error_body(f"internal server error: {type(exc).__name__}: {exc}", 500),
                             status_code=500)
-
-    return app

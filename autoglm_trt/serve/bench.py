@@ -30,6 +30,9 @@ import httpx
 from autoglm_trt.errors import UserError
 from autoglm_trt.serve.bench_metrics import HISTOGRAMS, phase_means_ms, scrape
 from autoglm_trt.utils.limits import raise_open_files_limit
+from autoglm_trt.utils.logging import log
+
+PROGRESS_EVERY_S = 10.0
 
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week "
          "case point government company number group problem fact water room mother area money "
@@ -227,8 +230,24 @@ async def run_level(target: BenchTarget, concurrency: int, num_requests: int, ma
                     return
                 results.append(await one_request(client, target, make_prompt(num_words, seed0 + i)))
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summarize(concurrency, results, time.perf_counter() - t0)
+    ticker = asyncio.ensure_future(_report_progress(concurrency, num_requests, results, t0))
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        ticker.cancel()
+    summary = summarize(concurrency, results, time.perf_counter() - t0)
+    log(f"concurrency {concurrency}: {summary.requests} requests ({summary.failed} failed) in "
+        f"{summary.duration_s:.1f} s, {summary.output_tokens_per_s:.1f} output tok/s")
+    return summary
+
+
+async def _report_progress(concurrency: int, total: int, results: list[RequestResult], t0: float) -> None:
+    """A line every PROGRESS_EVERY_S while a level runs (a CPU run of the defaults takes minutes)."""
+    while True:
+        await asyncio.sleep(PROGRESS_EVERY_S)
+        failed = sum(not r.ok for r in results)
+        log(f"concurrency {concurrency}: {len(results)}/{total} requests done ({failed} failed), "
+            f"{time.perf_counter() - t0:.0f} s")
 
 
 async def calibrate(client: httpx.AsyncClient, target: BenchTarget, prompt_len: int) -> int:
@@ -297,9 +316,12 @@ async def bench(url: str, concurrencies: list[int], prompt_len: int, gen_len: in
         sizes = [num_requests if num_requests is not None else max(4 * c, 16) for c in concurrencies]
         if image is not None and unique_images:  # two calibration requests, then every level's
             target.image_variants = image_variants(image, 2 + sum(sizes))
+        log(f"bench {base}: model {model}; sizing prompts to ~{prompt_len} tokens")
         words = await calibrate(client, target, prompt_len)
         levels, why_not = [], None
         for k, c in enumerate(concurrencies):
+            log(f"level {k + 1}/{len(concurrencies)}: concurrency {c}, {sizes[k]} requests of {gen_len} tokens "
+                f"(at most {max_seconds:.0f} s)")
             before, why_not = await scrape(client, base, headers)
             level = await run_level(target, c, sizes[k], max_seconds, words, seed + 1_000_000 * (k + 1))
             if before is not None:

@@ -12,6 +12,10 @@ from typing import Optional
 import typer
 
 from autoglm_trt.errors import UserError
+from autoglm_trt.utils.choices import choice, device_choice, dtype_choice
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _json_option(raw: Optional[str], name: str) -> dict:
@@ -27,10 +31,12 @@ def _json_option(raw: Optional[str], name: str) -> dict:
 
 
 def serve_cmd(
-    model_dir: Path = typer.Argument(..., help="Hugging Face checkpoint or engine directory"),
+    model_dir: Optional[str] = typer.Argument(None, help="Hugging Face checkpoint or engine directory, or a hub id "
+                                              "in the local Hugging Face cache", show_default=False),
+    model: Optional[str] = typer.Option(None, "--model", "--model-path", help="the model, vLLM's and SGLang's way"),
     host: str = typer.Option("0.0.0.0", help="address to listen on"),
     port: int = typer.Option(8000, help="OpenAI HTTP API port"),
-    grpc_port: int = typer.Option(8001, help="KServe v2 gRPC port (-1: no gRPC server)"),
+    grpc_port: int = typer.Option(8001, envvar="AUTOGLM_GRPC_PORT", help="KServe v2 gRPC port (-1: no gRPC server)"),
     served_model_name: str = typer.Option("autoglm-phone-9b", help="the model name clients send"),
     api_key: Optional[str] = typer.Option(None, envvar="AUTOGLM_API_KEY",
                                           help="require `Authorization: Bearer KEY` (HTTP and gRPC)"),
@@ -46,13 +52,13 @@ def serve_cmd(
     limit_images_per_prompt: int = typer.Option(10, help="images per prompt at most"),
     limit_mm_per_prompt: Optional[str] = typer.Option(None, help="vLLM style JSON, e.g. '{\"image\": 10}'"),
     max_image_pixels: int = typer.Option(64_000_000, help="decoded pixels per image at most (bomb guard)"),
-    tp: Optional[int] = typer.Option(None, "--tp", "--tensor-parallel-size",
-                                     help="tensor-parallel GPUs (default: an engine directory's own, else 1)"),
+    tp: Optional[int] = typer.Option(None, "--tp", help="tensor-parallel GPUs (default: an engine directory's, "
+                                     "else 1; also --tensor-parallel-size, --tp-size)"),
     reasoning_parser: Optional[str] = typer.Option(None, help="glm45: split <think> into reasoning_content"),
     constrain_actions: bool = typer.Option(False, help="every chat reply that asks for no other format is a "
                                            "well-formed phone-agent step: <think>...</think><answer>ACTION</answer>"),
-    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32", callback=dtype_choice),
+    device: str = typer.Option("auto", help="auto | cpu | cuda", callback=device_choice),
     num_kv_blocks: Optional[int] = typer.Option(None, help="fixed number of KV blocks"),
     block_size: Optional[int] = typer.Option(None, help="tokens per KV block"),
     enforce_eager: bool = typer.Option(False, help="no CUDA graphs"),
@@ -63,7 +69,15 @@ def serve_cmd(
     quantization: Optional[str] = typer.Option(None, "--quantization", "--quant",
                                                help="quantize a checkpoint at load: int8-wo | w8a8 | fp8 (e4m3 "
                                                "weights + activations, Ada/Hopper; vLLM's --quantization fp8)"),
-    log_requests: bool = typer.Option(False, help="log every HTTP request"),
+    log_requests: bool = typer.Option(False, help="log every HTTP request: route, status, time, prompt size"),
+    log_format: str = typer.Option("text", help="text | json (one JSON object per line)",
+                                   callback=choice("--log-format", LOG_FORMATS)),
+    log_level: str = typer.Option("info", help="debug | info | warning | error",
+                                  callback=choice("--log-level", LOG_LEVELS)),
+    max_request_bytes: int = typer.Option(32 << 20, help="HTTP request bodies larger than this get 413 (default "
+                                          "32 MiB: ten 1080x2400 screenshots as data URLs are ~12 MB)"),
+    accepted_flag: Optional[list[str]] = typer.Option(None, hidden=True, help="vLLM/SGLang flags with no meaning "
+                                                      "here (serve/flags.py puts them here to be logged)"),
     speculative: Optional[str] = typer.Option(None, help="speculative decoding without a draft model: ngram (n-gram "
                                               "matches in the prompt and output) | suffix (also recent outputs) | off"),
     speculative_config: Optional[str] = typer.Option(None, help="vLLM's JSON spelling, e.g. '{\"method\": \"ngram\", "
@@ -71,9 +85,21 @@ def serve_cmd(
 ) -> None:
     """Serve the model: OpenAI API over HTTP and KServe v2 over gRPC (/health is 503 until loaded)."""
     opts = dict(locals())  # NOTE: first statement: exactly the options above
-    from autoglm_trt.serve.server import run_server
+    from autoglm_trt.serve.flags import accepted_flag_note
+    from autoglm_trt.utils.hub import resolve_model
 
-    run_server(_server_config(opts), _engine_args(opts))
+    if model_dir and model and model_dir != model:
+        raise UserError(f"the model is given twice ({model_dir} and --model {model}): name it once")
+    name = model_dir or model
+    if not name:
+        raise UserError("no model: `autoglm-trt serve MODEL_DIR` (or --model MODEL_DIR)")
+    opts["model_dir"] = resolve_model(name)
+    notes = [accepted_flag_note(f) for f in accepted_flag or []]
+    if opts["model_dir"] != name:
+        notes.append(f"{name}: found in the Hugging Face cache at {opts['model_dir']}")
+    from autoglm_trt.serve.server import run_server  # NOTE: after the cheap checks: it imports the whole stack
+
+    run_server(_server_config(opts), _engine_args(opts), notes)
 
 
 def _server_config(o: dict):
@@ -90,8 +116,8 @@ def _server_config(o: dict):
             allow_remote_media=o["allow_remote_media"], max_pixels=o["max_pixels"] or mm.get("max_pixels"),
             max_image_pixels=o["max_image_pixels"],
             limit_images_per_prompt=int(limits.get("image", o["limit_images_per_prompt"])),
-            reasoning_parser=o["reasoning_parser"], log_requests=o["log_requests"],
-            constrain_actions=o["constrain_actions"])
+            reasoning_parser=o["reasoning_parser"], log_requests=o["log_requests"], log_format=o["log_format"],
+            log_level=o["log_level"], max_request_bytes=o["max_request_bytes"], constrain_actions=o["constrain_actions"])
     except (ValueError, TypeError) as exc:
         raise UserError(str(exc)) from None
 

@@ -9,6 +9,8 @@ REASONING_PARSERS = ("glm45",)
 # NOTE: 1080x2400 phone screenshots are 2.6 M pixels; 64 M leaves room for 8K captures while a
 # 100x100 PNG that claims 100k x 100k pixels (a decompression bomb) is refused before decoding.
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+# NOTE: a 1080x2400 PNG screenshot is ~1.2 M base64 characters; 32 MiB holds ten of them with room for 1440p
+DEFAULT_MAX_REQUEST_BYTES = 32 << 20
 
 
 @dataclass
@@ -29,6 +31,9 @@ class ServerConfig:
     constrain_actions: bool = False  # chat replies without a constraint of their own follow actions.lark
     remote_media_timeout_s: float = 10.0
     log_requests: bool = False
+    log_format: str = "text"  # text | json
+    log_level: str = "info"
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger HTTP bodies -> 413
 
     def __post_init__(self) -> None:
         for name in ("port",):
@@ -40,7 +45,7 @@ class ServerConfig:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.limit_images_per_prompt < 0:
             raise ValueError(f"limit_images_per_prompt must be >= 0, got {self.limit_images_per_prompt}")
-        for name in ("max_image_pixels", "max_image_bytes"):
+        for name in ("max_image_pixels", "max_image_bytes", "max_request_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_pixels is not None and self.max_pixels <= 0:
@@ -48,6 +53,8 @@ class ServerConfig:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
                              f"got {self.reasoning_parser!r}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
         if not self.served_model_name:
             raise ValueError("served_model_name must not be empty")
         if self.allowed_local_media_path is not None:

@@ -13,11 +13,18 @@ from autoglm_trt.errors import UserError
 
 @dataclass
 class LoadReport:
+    """What the start-up log says about the loaded engine."""
+
     engine: Any
     seconds: float
     devices: str
     memory: str
-    kv_tokens: int
+    kv_tokens: int  # tokens the KV cache holds (all sequences together)
+    dtype: str  # the weights' float dtype as loaded ("bfloat16")
+    quant: str  # none | int8-wo | w8a8 | fp8
+    tp: int
+    max_model_len: int
+    max_model_len_source: str  # why max_model_len has its value
 
 
 def load_engine(args: EngineArgs) -> LoadReport:
@@ -32,8 +39,13 @@ def load_engine(args: EngineArgs) -> LoadReport:
     engine = LLMEngine(config)
     seconds = time.perf_counter() - t0
     stats = engine.get_stats()
-    kv_tokens = stats.num_total_blocks * config.cache.block_size
-    return LoadReport(engine, seconds, describe_devices(), describe_memory(), kv_tokens)
+    kv_tokens = stats.num_total_blocks * engine.config.cache.block_size
+    dtype = getattr(getattr(engine, "runner", None), "dtype", None) or engine.config.dtype
+    return LoadReport(engine, seconds, describe_devices(), describe_memory(), kv_tokens,
+                      dtype=str(dtype).replace("torch.", ""), quant=str(engine.config.quant),
+                      tp=engine.config.parallel.tensor_parallel_size,
+                      max_model_len=engine.config.scheduler.max_model_len,
+                      max_model_len_source=engine.config.max_model_len_origin)
 
 
 def describe_devices() -> str:

@@ -61,6 +61,7 @@ def test_build_report_prints_the_engine_against_its_checkpoint(tiny_model_dir, t
     assert r.returncode == 0, r.stderr
     text = r.stdout + r.stderr  # NOTE: the table goes to the console (stderr), like calibrate --report's
     assert "quantized vs float" in text and "…" not in text, text  # nothing cut at 80 columns
+    assert "report int8-wo: calibration set: 1/1" in r.stderr and "report int8-wo: held-out set: 1/1" in r.stderr
     rows = [line.split() for line in text.splitlines() if line.strip().startswith("int8-wo")]
     assert [row[1] for row in rows] == ["calib", "held-out", "text"], text
     for row in rows:  # mode, set, positions, top-1, mean KL[, ppl float, ppl quant]

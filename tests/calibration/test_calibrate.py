@@ -94,6 +94,7 @@ def test_cli_writes_cache_and_qdq_graph(tiny_model_dir, mlp_onnx, tmp_path) -> N
     proc = _cli(str(tiny_model_dir), "-o", str(out), "--method", "max", "--samples", "1", "--max-pixels", "40000",
                 "--onnx", str(mlp_onnx[0]), "--device", "cpu", "--trt-version", "10.3.0")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "calibration pass 1/1: 1/1" in proc.stderr  # progress, also off a terminal
     assert read_trt_cache(out / "calibration.cache")[0] == "TRT-100300-MinMaxCalibration"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["onnx"]["linears"] == 2 and summary["onnx"]["onnxruntime_rel_err"] < 0.5  # random feeds

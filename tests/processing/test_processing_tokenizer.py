@@ -94,3 +94,14 @@ def test_stream_random_ids_and_chunks(tok):
             deltas = _stream(tok, [151337], ids, chunks, skip)
             assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip)
             assert all(not d.endswith("\ufffd") for d in deltas[:-1])  # only flush may end broken
+
+
+def test_max_token_chars_bounds_the_token_count(tok):
+    """A server refuses text longer than max_model_len * max_token_chars without tokenizing it: that is only
+    safe if no text has fewer than len(text) / max_token_chars tokens, added special tokens included."""
+    n = tok.max_token_chars
+    assert n >= len("<|begin_of_image|>")
+    texts = [*STREAM_TEXTS, "<|begin_of_image|>" * 50, " " * 500, "-" * 300, "的" * 200,
+             "".join(random.Random(0).choice("ab \n的😀<|>") for _ in range(2000))]
+    for text in texts:
+        assert len(text) <= n * len(tok.encode(text)), (text[:40], n)

@@ -28,6 +28,7 @@ class CharTokenizer:
     eos_token_ids = [0]
     backend = None
     added_token_ids = frozenset()
+    max_token_chars = 1
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]

@@ -110,21 +110,18 @@ def cli_has(command: str) -> bool:
     return command in names
 
 
-class ServeProcess:
-    """`autoglm-trt serve MODEL ...` as a subprocess, waited on until /health is 200."""
+class CliServer:
+    """`autoglm-trt ARGS...` (a serve command line) as a subprocess, waited on until /health on `port` is 200."""
 
-    def __init__(self, model_dir: Path, *args: str, api_key: str | None = None, timeout: float = 180) -> None:
-        self.port, self.grpc_port = free_port(), free_port()
-        self.api_key = api_key
-        cmd = [*cli_command(), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
-               "--grpc-port", str(self.grpc_port), "--device", os.environ.get("AUTOGLM_SERVE_TEST_DEVICE", "cpu"),
-               *args]
-        if api_key:
-            cmd += ["--api-key", api_key]
+    def __init__(self, args: list[str], port: int, grpc_port: int | None = None, env: dict | None = None,
+                 api_key: str | None = None, timeout: float = 180) -> None:
+        self.port, self.grpc_port, self.api_key = port, grpc_port, api_key
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"autoglm-serve-{self.port}.log"
         self.log = open(self.log_path, "w")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+               **(env or {})}
+        self.proc = subprocess.Popen([*cli_command(), *args], stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
+                                     env=env)
         self.saw_503 = False
         self._wait_ready(timeout)
 
@@ -153,9 +150,10 @@ class ServeProcess:
         self.stop()
         raise RuntimeError(f"serve was not ready in {timeout} s:\n{self.output()}")
 
-    def output(self) -> str:
+    def output(self, tail: int | None = 6000) -> str:
         self.log.flush()
-        return self.log_path.read_text(errors="replace")[-6000:]
+        text = self.log_path.read_text(errors="replace")
+        return text[-tail:] if tail else text
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -166,6 +164,18 @@ class ServeProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         self.log.close()
+
+
+class ServeProcess(CliServer):
+    """`autoglm-trt serve MODEL ...` on free ports (HTTP and gRPC), on the test device."""
+
+    def __init__(self, model_dir: Path, *args: str, api_key: str | None = None, timeout: float = 180) -> None:
+        port, grpc_port = free_port(), free_port()
+        cmd = ["serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port),
+               "--device", os.environ.get("AUTOGLM_SERVE_TEST_DEVICE", "cpu"), *args]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        super().__init__(cmd, port, grpc_port, api_key=api_key, timeout=timeout)
 
 
 def start_serve(model_dir: Path, *args: str, api_key: str | None = None) -> ServeProcess:

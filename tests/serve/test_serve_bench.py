@@ -43,7 +43,8 @@ def test_sse_lines_and_urls():
     assert make_prompt(5, 1) == make_prompt(5, 1) != make_prompt(5, 2)
 
 
-def test_bench_run_over_loopback(tmp_path, capsys):
+def test_bench_run_over_loopback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("autoglm_trt.serve.bench.PROGRESS_EVERY_S", 0.05)
     engine = FakeEngine(script="abcdefgh" * 100, step_delay=0.001)
     with InProcessServer(engine, max_queue=64) as server:
         out = tmp_path / "bench.json"
@@ -60,8 +61,11 @@ def test_bench_run_over_loopback(tmp_path, capsys):
         assert ms["prefill"] >= 1.0  # one fake step of 1 ms at least
         assert ms["queue"] + ms["prefill"] == pytest.approx(ms["ttft"], abs=2.0)
         assert ms["ttft"] <= lv["ttft_p99_ms"]
-    printed = capsys.readouterr().out
-    assert "TTFT p50 ms" in printed and "server side" in printed
+    captured = capsys.readouterr()
+    assert "TTFT p50 ms" in captured.out and "server side" in captured.out
+    progress = captured.err  # NOTE: a CPU run of the defaults takes minutes: it must say how far it is
+    assert "level 1/2: concurrency 1, 8 requests" in progress and "level 2/2: concurrency 4" in progress
+    assert "concurrency 4: 8 requests (0 failed) in" in progress and "requests done" in progress
 
 
 def test_metrics_totals_ours_and_vllms():

@@ -50,8 +50,8 @@ def png_data_url(size=(280, 560)) -> str:
 
 def test_startup_log_reports_devices_memory_kv_and_urls(server):
     log = server.output()
-    for needle in ("devices:", "loaded in", "memory used", "KV cache:", "tokens", f"http://127.0.0.1:{server.port}/v1",
-                   f"grpc://127.0.0.1:{server.grpc_port}"):
+    for needle in ("devices:", "loaded in", "memory used", "dtype float32, quantization none, tp 1", "max-model-len ",
+                   "KV cache ", "tokens", f"http://127.0.0.1:{server.port}/v1", f"grpc://127.0.0.1:{server.grpc_port}"):
         assert needle in log, (needle, log)
 
 
@@ -143,7 +143,7 @@ def test_plain_http_errors_and_the_server_keeps_serving(server):
     _err(_post(server, None, raw=b'{"model": "autoglm-phone-9b", "messages": [}'), 400, "JSON")
     _err(_post(server, {**ok, "max_tokens": "many"}), 400, "max_tokens")
     _err(_post(server, {**ok, "messages": "hi"}), 400, "messages")
-    _err(_post(server, {**ok, "model": "gpt-4o"}), 400, "gpt-4o")
+    _err(_post(server, {**ok, "model": "gpt-4o"}), 404, "gpt-4o")  # OpenAI's and vLLM's model_not_found
     _err(_post(server, {**ok, "max_tokens": 4000, "messages": [{"role": "user", "content": "word " * 200}]}),
          400, "max_model_len is 4096", "4000")
     bad_image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0K"}}]}]

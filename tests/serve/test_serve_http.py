@@ -198,7 +198,8 @@ def test_error_cases_are_4xx_and_the_server_keeps_serving(fake_server):
     url = fake_server.url + "/v1/chat/completions"
     assert_error(httpx.post(url, content=b'{"messages": [', headers=KEY), 400, "JSON")
     assert_error(chat(fake_server, temperature="hot"), 400, "temperature")
-    assert_error(chat(fake_server, model="gpt-4"), 400, "gpt-4", "autoglm-phone-9b")
+    unknown = assert_error(chat(fake_server, model="gpt-4"), 404, "gpt-4", "autoglm-phone-9b")  # OpenAI's, vLLM's
+    assert unknown["code"] == "model_not_found" and unknown["param"] == "model"
     err = assert_error(chat(fake_server, max_tokens=5000), 400, "max_model_len is 4096", "5000")
     assert err["param"] == "max_tokens"
     audio = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AA", "format": "wav"}}]}]

@@ -129,6 +129,11 @@ def prompts_of(arrays: dict[str, np.ndarray]) -> list[str]:
     unknown = sorted(set(arrays) - set(INPUTS))
     if unknown:
         raise ServeError(f"unexpected inputs {unknown}; this model takes {sorted(INPUTS)}")
+    for name, arr in arrays.items():  # NOTE: numbers may come in any numeric type, text only as BYTES
+        declared = INPUTS[name][0]
+        if (declared == "BYTES") != (arr.dtype == object):
+            raise ServeError(f"input {name} must be {declared}" + ("" if declared == "BYTES" else " (or another "
+                             "numeric type)"), param=name)
     text = arrays.get("text_input")
     if text is None or text.size == 0:
         raise ServeError("input text_input (BYTES) is required", param="text_input")

@@ -49,6 +49,21 @@ class GRPCInferenceServiceStub(object):
                 request_serializer=autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelInferRequest.SerializeToString,
                 response_deserializer=autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelStreamInferResponse.FromString,
                 )
+        self.ModelConfig = channel.unary_unary(
+                '/inference.GRPCInferenceService/ModelConfig',
+                request_serializer=autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelConfigResponse.FromString,
+                )
+        self.ModelStatistics = channel.unary_unary(
+                '/inference.GRPCInferenceService/ModelStatistics',
+                request_serializer=autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelStatisticsResponse.FromString,
+                )
+        self.RepositoryIndex = channel.unary_unary(
+                '/inference.GRPCInferenceService/RepositoryIndex',
+                request_serializer=autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.RepositoryIndexResponse.FromString,
+                )
 
 
 class GRPCInferenceServiceServicer(object):
@@ -100,6 +115,25 @@ class GRPCInferenceServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelConfig(self, request, context):
+        """Triton extensions: the model's configuration, its statistics, and the repository's models.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ModelStatistics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RepositoryIndex(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +171,21 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelStreamInfer,
                     request_deserializer=autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelInferRequest.FromString,
                     response_serializer=autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelStreamInferResponse.SerializeToString,
+            ),
+            'ModelConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelConfig,
+                    request_deserializer=autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelConfigRequest.FromString,
+                    response_serializer=autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelConfigResponse.SerializeToString,
+            ),
+            'ModelStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelStatistics,
+                    request_deserializer=autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelStatisticsResponse.SerializeToString,
+            ),
+            'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryIndex,
+                    request_deserializer=autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.RepositoryIndexRequest.FromString,
+                    response_serializer=autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.RepositoryIndexResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,5 +313,56 @@ class GRPCInferenceService(object):
         return grpc.experimental.stream_stream(request_iterator, target, '/inference.GRPCInferenceService/ModelStreamInfer',
             autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelInferRequest.SerializeToString,
             autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelStreamInferResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ModelConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/inference.GRPCInferenceService/ModelConfig',
+            autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelConfigRequest.SerializeToString,
+            autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelConfigResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ModelStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/inference.GRPCInferenceService/ModelStatistics',
+            autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelStatisticsRequest.SerializeToString,
+            autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.ModelStatisticsResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def RepositoryIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/inference.GRPCInferenceService/RepositoryIndex',
+            autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.RepositoryIndexRequest.SerializeToString,
+            autoglm__trt_dot_serve_dot_grpc_dot_inference__pb2.RepositoryIndexResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

@@ -63,8 +63,9 @@ class GrpcServer:
 
     def __init__(self, state: ServeState) -> None:
         interceptors = [_ApiKeyInterceptor(state.config.api_key)] if state.config.api_key else []
+        # NOTE: gRPC sets SO_REUSEPORT by default: a second server would share the port silently
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), self.server)
         self.health = health.aio.HealthServicer()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any, AsyncIterator
 
@@ -17,6 +18,7 @@ from autoglm_trt.serve.errors import ServeError
 from autoglm_trt.serve.grpc import ensemble
 from autoglm_trt.serve.grpc import inference_pb2 as pb
 from autoglm_trt.serve.grpc import inference_pb2_grpc as pb_grpc
+from autoglm_trt.serve.grpc.model_info import ModelStats, model_config, repository_index
 from autoglm_trt.serve.grpc.tensors import add_output, input_arrays
 from autoglm_trt.serve.openai.prompt import run_processor
 from autoglm_trt.serve.openai.structured import validate_constraint
@@ -36,6 +38,7 @@ def status_code(exc: RequestError) -> grpc.StatusCode:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, state: ServeState) -> None:
         self.state = state
+        self.stats = ModelStats()
 
     # ---- health and metadata ------------------------------------------------------------------
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -60,13 +63,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             meta.outputs.add(name=name, datatype=dtype, shape=shape)
         return meta
 
-    # ---- inference ----------------------------------------------------------------------------
-    async def ModelInfer(self, request: Any, context: Any) -> Any:
+    # ---- Triton's model discovery ---------------------------------------------------------------
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        client = self.state.client
+        reason = client.load_error or "the model is still loading"
+        return repository_index(self._names(), client.ready, reason, request.ready)
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        await self._check_known(request.name, context)
         try:
-            parsed, prompts = await self._parse(request, streaming_rpc=False)
-            return await self._run_whole(request, parsed, prompts)
+            max_batch = self.state.engine.config.scheduler.max_num_seqs
         except RequestError as exc:
             await context.abort(status_code(exc), str(exc))
+        return pb.ModelConfigResponse(config=model_config(request.name, max_batch))
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        if request.name:
+            await self._check_known(request.name, context)
+        return self.stats.response([request.name] if request.name else self._names())
+
+    # ---- inference ----------------------------------------------------------------------------
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        t0, t_input, rows = time.perf_counter(), None, 0
+        try:
+            parsed, prompts = await self._parse(request, streaming_rpc=False)
+            t_input, rows = time.perf_counter(), len(prompts)
+            resp = await self._run_whole(request, parsed, prompts)
+        except RequestError as exc:
+            self._record(request.model_name, rows, False, t0, t_input or t0, time.perf_counter())
+            await context.abort(status_code(exc), str(exc))
+        self._record(request.model_name, rows, True, t0, t_input, time.perf_counter())
+        return resp
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         """Each request runs concurrently; its responses are interleaved on the one stream."""
@@ -93,24 +120,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def _stream_one(self, request: Any, out: asyncio.Queue) -> None:
+        t0, t_input, rows, ok = time.perf_counter(), None, 0, False
         try:
             parsed, prompts = await self._parse(request, streaming_rpc=True)
+            t_input, rows = time.perf_counter(), len(prompts)
             if not parsed.stream:
                 resp = await self._run_whole(request, parsed, prompts)
                 resp.parameters["triton_final_response"].bool_param = True
                 out.put_nowait(pb.ModelStreamInferResponse(infer_response=resp))
-                return
-            async for resp in self._run_stream(request, parsed, prompts):
-                out.put_nowait(pb.ModelStreamInferResponse(infer_response=resp))
+            else:
+                async for resp in self._run_stream(request, parsed, prompts):
+                    out.put_nowait(pb.ModelStreamInferResponse(infer_response=resp))
+            ok = True
         except RequestError as exc:
             out.put_nowait(pb.ModelStreamInferResponse(error_message=str(exc)))
         except Exception as exc:  # NOTE: never let one request's bug end the whole stream
             log.exception("gRPC stream request failed")
             out.put_nowait(pb.ModelStreamInferResponse(error_message=f"internal error: {exc}"))
+        finally:
+            self._record(request.model_name, rows, ok, t0, t_input or t0, time.perf_counter())
 
     # ---- helpers ------------------------------------------------------------------------------
+    def _names(self) -> list[str]:
+        return [self.state.config.served_model_name, *MODEL_ALIASES]
+
     def _known(self, name: str) -> bool:
-        return name in (self.state.config.served_model_name, *MODEL_ALIASES)
+        return name in self._names()
+
+    def _record(self, name: str, *args: Any) -> None:
+        if self._known(name):  # NOTE: made-up model names must not grow the table
+            self.stats.record(name, *args)
+
+    async def _check_known(self, name: str, context: Any) -> None:
+        if not self._known(name):
+            await context.abort(grpc.StatusCode.NOT_FOUND, self._unknown_message(name))
 
     def _unknown_message(self, name: str) -> str:
         return (f"unknown model {name!r}; this server serves {self.state.config.served_model_name!r} "
@@ -125,9 +168,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         def work() -> tuple[ensemble.EnsembleRequest, list]:
             arrays = input_arrays(request)
             texts = ensemble.prompts_of(arrays)
+            self.state.check_prompt_chars(max(map(len, texts), default=0), "text_input")
             prompts = [run_processor(lambda t=t: engine.processor.process_text(t)) for t in texts]
-            parsed = ensemble.parse(arrays, [o.name for o in request.outputs], streaming_rpc,
-                                    [len(p.prompt_token_ids) for p in prompts], max_len)
+            try:
+                parsed = ensemble.parse(arrays, [o.name for o in request.outputs], streaming_rpc,
+                                        [len(p.prompt_token_ids) for p in prompts], max_len)
+            except (ValueError, TypeError, OverflowError) as exc:  # a value that is no number of its kind
+                raise ServeError(f"malformed input tensor: {exc}") from None
             for params in parsed.params:
                 validate_constraint(params.structured_outputs, engine, "guided_decoding_guide")
             return parsed, prompts

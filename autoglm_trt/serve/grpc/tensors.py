@@ -3,6 +3,7 @@ tritonclient sends); BYTES elements are 4-byte little-endian length + bytes in r
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
@@ -41,10 +42,18 @@ def serialize_bytes(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
+MAX_DIMS = 8  # NOTE: every tensor of this model has 1-3; numpy itself stops at 64
+MAX_ELEMENTS = 1 << 26  # a 64 MiB message holds fewer elements than this
+
+
 def _shape(tensor: Any) -> tuple[int, ...]:
     shape = tuple(int(d) for d in tensor.shape)
+    if len(shape) > MAX_DIMS:
+        raise _bad(f"input {tensor.name}: {len(shape)} dimensions; at most {MAX_DIMS}")
     if any(d < 0 for d in shape):
         raise _bad(f"input {tensor.name}: negative dimension in shape {list(shape)}")
+    if math.prod(shape) > MAX_ELEMENTS:  # NOTE: Python ints, so a product of huge dims cannot overflow
+        raise _bad(f"input {tensor.name}: shape {list(shape)} has more elements than any request can carry")
     return shape
 
 
@@ -64,10 +73,12 @@ def _decode(tensor: Any, raw: bytes | None) -> np.ndarray:
         if dtype not in _CONTENTS_FIELD:
             raise _bad(f"input {tensor.name}: {dtype} must be sent in raw_input_contents")
         values = list(getattr(tensor.contents, _CONTENTS_FIELD[dtype]))
-    arr = np.array(values, dtype=object if dtype == "BYTES" else DTYPES[dtype])
-    if arr.size != int(np.prod(shape)):
-        raise _bad(f"input {tensor.name}: shape {list(shape)} needs {int(np.prod(shape))} elements, "
-                   f"got {arr.size}")
+    try:
+        arr = np.array(values, dtype=object if dtype == "BYTES" else DTYPES[dtype])
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise _bad(f"input {tensor.name}: values do not fit {dtype} ({exc})") from None
+    if arr.size != math.prod(shape):
+        raise _bad(f"input {tensor.name}: shape {list(shape)} needs {math.prod(shape)} elements, got {arr.size}")
     return arr.reshape(shape)
 
 

@@ -12,7 +12,7 @@ from autoglm_trt.serve.errors import ServeError, body_for
 from autoglm_trt.serve.openai import protocol as P
 from autoglm_trt.serve.openai import structured as S
 from autoglm_trt.serve.openai.logprobs import chat_logprobs, token_id_text
-from autoglm_trt.serve.openai.messages import check_parts, to_engine_messages
+from autoglm_trt.serve.openai.messages import check_parts, text_chars, to_engine_messages
 from autoglm_trt.serve.openai.prompt import run_processor
 from autoglm_trt.serve.openai.sampling import sampling_params
 from autoglm_trt.serve.openai.sse import DONE, StreamingResult, event
@@ -59,6 +59,7 @@ async def create_chat_completion(state: ServeState, req: P.ChatCompletionRequest
     state.check_model(req.model)
     engine = state.engine
     check_parts(req.messages, state.config.limit_images_per_prompt)
+    state.check_prompt_chars(text_chars(req.messages), "messages")
     spec = S.structured_request(req, S.after_reasoning(state.config, req), state.config.constrain_actions)
     prompt = await state.preprocess(lambda: (S.validate(spec, engine), _build_prompt(state, engine, req))[1])
     top = (req.top_logprobs or 0) if req.logprobs else None
@@ -66,6 +67,7 @@ async def create_chat_completion(state: ServeState, req: P.ChatCompletionRequest
                                       len(prompt.prompt_token_ids), state.max_model_len), spec)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     ids = [request_id if req.n == 1 else f"{request_id}-{i}" for i in range(req.n)]
+    state.log_request(request_id, prompt, params[0], req.stream)
     streams = await state.client.add_requests([(rid, prompt, p) for rid, p in zip(ids, params)])
     want_reasoning = bool(req.return_reasoning) or state.config.reasoning_parser is not None
     run = _Run(state, request_id, streams, top, want_reasoning,

@@ -46,6 +46,7 @@ async def create_completion(state: ServeState, req: P.CompletionRequest) -> dict
     if req.suffix:
         raise ServeError("suffix is not supported by this model", param="suffix")
     prompts = _prompts(req)
+    state.check_prompt_chars(max((len(p) for p in prompts if isinstance(p, str)), default=0), "prompt")
     spec = S.structured_request(req)
     processed = await state.preprocess(lambda: (S.validate(spec, engine), [_process(engine, p) for p in prompts])[1])
     request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -54,6 +55,7 @@ async def create_completion(state: ServeState, req: P.CompletionRequest) -> dict
         params = S.attach(sampling_params(req, req.max_tokens or 16, req.logprobs,
                                           len(prompt.prompt_token_ids), state.max_model_len), spec)
         items += [(f"{request_id}-{k * req.n + i}", prompt, p) for i, p in enumerate(params)]
+        state.log_request(f"{request_id}-{k}", prompt, params[0], req.stream)
     streams = await state.client.add_requests(items)
     echo = [_echo_text(engine, p, prompts[k]) if req.echo else "" for k, p in enumerate(processed)
             for _ in range(req.n)]

@@ -22,6 +22,17 @@ def count_images(messages: list[ChatMessage]) -> int:
                for p in m.content)
 
 
+def text_chars(messages: list[ChatMessage]) -> int:
+    """Characters of text in the messages (what the tokenizer will read, besides the template's own)."""
+    total = 0
+    for m in messages:
+        if isinstance(m.content, str):
+            total += len(m.content)
+        elif m.content:
+            total += sum(len(p.text) for p in m.content if isinstance(p, TextPart))
+    return total
+
+
 def check_parts(messages: list[ChatMessage], limit_images: int) -> None:
     """Refuse audio/video parts and too many images before any image is decoded."""
     for i, m in enumerate(messages):

@@ -109,6 +109,22 @@ def parse_request(cls: type[_Model], body: bytes) -> Any:
         raise validation_error(exc) from None
 
 
+def openapi_body(cls: type[_Model]) -> dict:
+    """The OpenAPI requestBody of a route that parses `cls` itself (openapi_components holds the schema)."""
+    ref = {"$ref": f"#/components/schemas/{cls.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def openapi_components() -> dict[str, dict]:
+    """JSON schemas of the request models and the models they use, for /openapi.json's components."""
+    out: dict[str, dict] = {}
+    for cls in (ChatCompletionRequest, CompletionRequest):
+        schema = cls.model_json_schema(ref_template="#/components/schemas/{model}")
+        out.update(schema.pop("$defs", {}))
+        out[cls.__name__] = schema
+    return out
+
+
 def validation_error(exc: ValidationError) -> ServeError:
     errors = exc.errors(include_url=False)
     # NOTE: for a union (content: str | list[part]) the deepest location is the useful complaint.

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Awaitable
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from autoglm_trt import __version__
-from autoglm_trt.serve.auth import check_bearer
-from autoglm_trt.serve.errors import error_body
+from autoglm_trt.serve.errors import ServeError, error_body
 from autoglm_trt.serve.metrics import CONTENT_TYPE
 from autoglm_trt.serve.openai import protocol as P
 from autoglm_trt.serve.openai.chat import create_chat_completion
@@ -21,6 +21,39 @@ from autoglm_trt.serve.state import ServeState
 
 class ClientGone(Exception):
     """The client closed the connection before the response was ready (the work is aborted)."""
+
+
+_PARSE_IN_THREAD_BYTES = 256 << 10  # NOTE: parsing a body of megabytes on the event loop would stall every stream
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (by Content-Length before reading, or while
+    reading a chunked one); a client that hangs up mid-body is ClientGone, not an error."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise _too_large(int(length), limit)
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(size, limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> ServeError:
+    return ServeError(f"the request body has {size} bytes or more; this server accepts at most {limit} "
+                      f"(--max-request-bytes)", status=413)
+
+
+async def parse_body(request: Request, state: ServeState, cls: type) -> Any:
+    body = await read_body(request, state.config.max_request_bytes)
+    if len(body) > _PARSE_IN_THREAD_BYTES:
+        return await asyncio.to_thread(P.parse_request, cls, body)
+    return P.parse_request(cls, body)
 
 
 async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
@@ -50,19 +83,16 @@ async def _respond(request: Request, work: Awaitable[Any]) -> Response:
 
 
 def build_router(state: ServeState) -> APIRouter:
-    def auth(request: Request) -> None:
-        check_bearer(request.headers.get("authorization"), state.config.api_key)
+    v1 = APIRouter(prefix="/v1")  # NOTE: the API key is checked by ApiKeyMiddleware, for every /v1 path
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
-
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", openapi_extra=P.openapi_body(P.ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
-        req = P.parse_request(P.ChatCompletionRequest, await request.body())
+        req = await parse_body(request, state, P.ChatCompletionRequest)
         return await _respond(request, create_chat_completion(state, req))
 
-    @v1.post("/completions")
+    @v1.post("/completions", openapi_extra=P.openapi_body(P.CompletionRequest))
     async def completions(request: Request) -> Response:
-        req = P.parse_request(P.CompletionRequest, await request.body())
+        req = await parse_body(request, state, P.CompletionRequest)
         return await _respond(request, create_completion(state, req))
 
     @v1.get("/models")
