@@ -1,0 +1,364 @@
+"""Triton W4A16 kernels: y[M, N] = x[M, K] @ ((q - zero) * scale)^T (+ bias), the format of layers/int4.py.
+
+    w      int32 [N, K / 8]   word j of row n: q[n, 8j + i] in bits 4i..4i+3
+    scale  fp16  [N, ceil(K / G)],  zero fp16 [N, ceil(K / G)] (integers 0..15)   (fp32 / bf16 also run)
+
+- gemv (decode, M <= GEMV_ROWS, one row of x a program): no tl.dot. Each lane owns one word (8 weights) of each
+  of the program's BLOCK_N rows per 256 inputs, UNROLL such words in flight, and the 8 x values of that word as one
+  16-byte load shared by the rows. Nibbles become fp32 without I2F: shifted to mantissa bits 19..22 under the
+  exponent of 1.0 (one SHF and one LOP3), they are the float 1 + q / 16, whose products with x are exact; per word
+  sum_i x_i (q_i - zero) = 16 sum_i x_i (1 + q_i / 16) - (16 + zero) sum_i x_i, and the group scale multiplies that.
+- matmul (small batch and prefill tiles): tl.dot on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]; the weight tile
+  is loaded as [BLOCK_K / 8, BLOCK_N] words and unpacked in registers. BLOCK_K divides G, so one group per step:
+  exact form: acc += dot(x, q - zero) * scale (q - zero in -15..15 is exact in bf16); dequant_tile form: the
+  tile becomes (q - zero) * scale in x's dtype and the dot accumulates directly (fewer FMAs on big tiles).
+  Split-K writes fp32 partials that a second launch sums (bias there).
+- dequantize: the bf16 weight, for prefill through cuBLAS (w4a16_linear picks it from PREFILL_ROWS rows on).
+Launch configs come from the shapes only (CUDA-graph safe). The thresholds below are UNMEASURED defaults:
+`benchmarks/bench_int4.py` times every path and config on an H100; set them from its JSON.
+This module imports triton: import it lazily. The oracle is layers.int4.int4_reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_MAGIC = tl.constexpr(8388608.0)  # 2**23: float(0x4B000000 | b) - 2**23 == b for 0 <= b < 2**23
+GEMV_ROWS = 2  # UNMEASURED: at most this many rows take the GEMV, more the tl.dot matmul
+PREFILL_ROWS = 512  # UNMEASURED: from this many rows, dequantize + cuBLAS (bf16 tensor cores at full rate)
+
+
+def _pow2(name: str, v: int) -> None:
+    if v < 1 or v & (v - 1):
+        raise ValueError(f"{name} must be a power of two >= 1, got {v}")
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int = 4  # rows of W per program (every lane takes all of them: x is loaded once for the rows)
+    unroll: int = 2  # words per lane and row in flight: each step reads unroll * 256 inputs
+    num_warps: int = 4  # NOTE: warps split a step's words (unroll >= num_warps keeps every warp busy)
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "unroll", "num_warps"):
+            _pow2(f"GemvConfig.{name}", getattr(self, name))
+
+    @property
+    def tag(self) -> str:
+        return f"n{self.block_n}u{self.unroll}w{self.num_warps}"
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int  # >= 16 (mma)
+    block_n: int
+    block_k: int  # divides the group size: one group per K step
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    dequant_tile: bool = False  # the weight tile to (q * s + o) in x's dtype before the dot (module docstring)
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k", "num_warps"):
+            _pow2(f"GemmConfig.{name}", getattr(self, name))
+        if self.block_m < 16 or self.block_n < 16 or self.block_k < 16 or self.split_k < 1:
+            raise ValueError(f"GemmConfig: block_m/n/k >= 16 and split_k >= 1, got {self}")
+
+    @property
+    def tag(self) -> str:
+        return (f"m{self.block_m}n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}st{self.num_stages}"
+                + ("-deq" if self.dequant_tile else ""))
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sms(t: Tensor) -> int:
+    return _num_sms(t.device.index or 0) if t.is_cuda else 4
+
+
+def gemv_config(m: int, n: int, k: int) -> GemvConfig:
+    """UNMEASURED default: 8 rows a program, 4 words of each row a lane in flight (per weight the fewest SASS
+    instructions of the candidates compiled for sm_90: ~6.2, against 7.9 at 2 rows)."""
+    return GemvConfig(8, 4 if k >= 1024 else 1, 4)
+
+
+def gemv_candidates() -> list[GemvConfig]:
+    """What benchmarks/bench_int4.py --sweep times for the GEMV."""
+    return [GemvConfig(bn, u, w) for bn, u, w in ((2, 4, 4), (4, 2, 4), (4, 4, 4), (8, 4, 4), (8, 2, 2), (8, 8, 8),
+                                                  (16, 4, 4), (4, 8, 4))]
+
+
+def gemm_candidates(m: int, group: int = 128) -> list[GemmConfig]:
+    """What benchmarks/bench_int4.py --sweep times for the tl.dot matmul at m rows."""
+    bm = max(16, triton.next_power_of_2(min(m, 64)))
+    if m > 64:
+        return [GemmConfig(128, 128, 64, 1, 8, 3, True), GemmConfig(128, 256, 64, 1, 8, 3, True),
+                GemmConfig(64, 128, 64, 1, 4, 4, True), GemmConfig(128, 128, 64, 1, 8, 4, False)]
+    return [GemmConfig(bm, bn, bk, s, 4, st, deq) for bn, bk, s, st, deq in
+            ((64, 128, 1, 3, False), (64, 128, 4, 3, False), (32, 128, 4, 3, False), (128, 64, 2, 4, False),
+             (64, 64, 4, 4, False), (64, 128, 4, 3, True), (32, 128, 8, 3, False))]
+
+
+def gemm_config(m: int, n: int, k: int, group: int, sms: int) -> GemmConfig:
+    """UNMEASURED default: decode-sized M pads to 16-64 rows of mma with split-K until there are >= 2 programs
+    per SM; prefill tiles 128 x 128 with the weight dequantized in the tile."""
+    bk = min(128, group & -group)  # NOTE: the largest power of two dividing the group, at most 128
+    if m > 64:
+        return GemmConfig(128, 128, min(64, bk), 1, 8, 3, dequant_tile=True)
+    bm = max(16, triton.next_power_of_2(m))
+    bn = 64
+    tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+    split = 1
+    while tiles * split < 2 * sms and split < 8 and k // (bk * 2 * split) >= 4:
+        split *= 2
+    return GemmConfig(bm, bn, bk, split, 4, 3)
+
+
+# ---- the GEMV -----------------------------------------------------------------------------------------
+@triton.jit
+def _gemv_step(acc, x_ptrs, w_ptrs, s_rows, z_rows, word, K, GROUP: tl.constexpr, MASKED: tl.constexpr):
+    """acc [BN, U, 32] += s * sum_i x_i (q_i - z) for each word: x_ptrs [BN, U, 32, 8] (equal along BN),
+    w_ptrs [BN, U, 32] (one word a lane and row), word [U, 32] its index in the row, s_rows / z_rows [BN, 1, 1]."""
+    grp = (word * 8) // GROUP  # [U, 32]
+    if MASKED:  # the ragged last step: words past K read as 0 (x too, so they add nothing)
+        live = word < K // 8
+        w = tl.load(w_ptrs, mask=live[None], other=0, eviction_policy="evict_first")
+        x = tl.load(x_ptrs, mask=live[None, :, :, None], other=0.0)
+        s = tl.load(s_rows + grp[None], mask=live[None], other=0.0)
+        z = tl.load(z_rows + grp[None], mask=live[None], other=0.0)
+    else:  # NOTE: W streams through once: first out of L2
+        w = tl.load(w_ptrs, eviction_policy="evict_first")
+        x = tl.load(x_ptrs)
+        s = tl.load(s_rows + grp[None])
+        z = tl.load(z_rows + grp[None])
+    # nibble i moved to mantissa bits 19..22 under exponent 0: the float 1 + q / 16, exact (shifts fold per register)
+    i = tl.arange(0, 8)[None, None, None, :]  # nibble within the word
+    wu = w.to(tl.uint32, bitcast=True)[:, :, :, None]  # [BN, U, 32, 1]
+    bits = ((wu << tl.maximum(19 - 4 * i, 0)) >> tl.maximum(4 * i - 19, 0)) & 0x00780000
+    qf = (bits | 0x3F800000).to(tl.float32, bitcast=True)  # [BN, U, 32, 8]
+    xf = x.to(tl.float32)
+    d = tl.sum(xf * qf, axis=3)  # [BN, U, 32] sum_i x_i (1 + q_i / 16): every product exact
+    xs = tl.sum(xf, axis=3)  # NOTE: equal along BN (x is): the compiler computes it once
+    # sum_i x_i (q_i - z) = 16 d - (16 + z) xs
+    return acc + (16.0 * d - (16.0 + z.to(tl.float32)) * xs) * s.to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["one"])
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym, one,
+                 GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
+    """y[m, n] = sum_k x[m, k] w[n, k] (+ b[n]) for one row m of x and BLOCK_N rows of W a program."""
+    m, pid_n = tl.program_id(0), tl.program_id(1)  # NOTE: rows of x vary fastest: a second row finds W in L2
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_safe = tl.minimum(offs_n, N - 1).to(tl.int64)  # NOTE: clamped rows keep the loads unmasked; stores mask them
+    # NOTE: `one` is a runtime 1 that hides the words' contiguity from the compiler, so each lane takes ONE word
+    # (8 weights) of a row instead of a 16-byte vector: x's 8 values of that word then load as one 16-byte
+    # vector in the same register layout, and no tile goes through shared memory (tests: int4 aot).
+    word0 = (tl.arange(0, UNROLL)[:, None] * 32 + tl.arange(0, 32)[None, :]) * one  # [U, 32]
+    w_ptrs = w_ptr + (n_safe * stride_wn)[:, None, None] + word0[None, :, :]  # [BN, U, 32]
+    kk = word0[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # [U, 32, 8] input channels
+    x_ptrs = x_ptr + m.to(tl.int64) * stride_xm + kk[None] + tl.zeros((BLOCK_N, 1, 1, 1), tl.int32)  # [BN, U, 32, 8]
+    s_rows = s_ptr + (n_safe * stride_sn)[:, None, None]  # [BN, 1, 1]
+    z_rows = z_ptr + (n_safe * stride_sn)[:, None, None]
+    acc = tl.zeros((BLOCK_N, UNROLL, 32), dtype=tl.float32)
+    STEP: tl.constexpr = UNROLL * 256
+    k_full = K - K % STEP
+    for k0 in tl.range(0, k_full, STEP):
+        acc = _gemv_step(acc, x_ptrs + k0, w_ptrs + k0 // 8, s_rows, z_rows, word0 + k0 // 8, K, GROUP, False)
+    if k_full < K:
+        acc = _gemv_step(acc, x_ptrs + k_full, w_ptrs + k_full // 8, s_rows, z_rows, word0 + k_full // 8, K,
+                         GROUP, True)
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + n_safe).to(tl.float32)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+# ---- the tl.dot matmul --------------------------------------------------------------------------------
+@triton.jit
+def _matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
+                   stride_ym, k_per_split, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                   DEQUANT_TILE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    # NOTE: M tiles vary fastest, so the programs sharing a weight tile run together: W leaves HBM once
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    WORDS: tl.constexpr = BLOCK_K // 8
+    j, i = tl.arange(0, WORDS), tl.arange(0, 8)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn  # [1, BN]
+    s_cols = s_ptr + offs_n.to(tl.int64) * stride_sn  # [BN]
+    z_cols = z_ptr + offs_n.to(tl.int64) * stride_sn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        word = k0 // 8 + j  # [W]
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BM, BK]
+        w = tl.load(w_cols + word[:, None], mask=n_mask[None, :] & (word < K // 8)[:, None], other=0)  # [W, BN]
+        q = tl.reshape((w[:, None, :] >> (i * 4)[None, :, None]) & 15, (BLOCK_K, BLOCK_N))  # [BK, BN], k = 8j + i
+        s = tl.load(s_cols + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
+        z = tl.load(z_cols + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32) + _MAGIC
+        qz = (q | 0x4B000000).to(tl.float32, bitcast=True) - z[None, :]  # [BK, BN] q - zero, exact
+        if DEQUANT_TILE:
+            wt = qz * s[None, :]  # [BK, BN]
+            if DOT_F32:
+                acc = tl.dot(x.to(tl.float32), wt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, wt.to(x.dtype), acc)
+        else:
+            if DOT_F32:  # fp32 inputs, or the interpreter (its bf16 dot is wrong)
+                part = tl.dot(x.to(tl.float32), qz, input_precision="ieee")
+            else:
+                part = tl.dot(x, qz.to(x.dtype))  # [BM, BN]: q - zero in -15..15 is exact in bf16 / fp16
+            acc += part * s[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        part_ptr = p_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
+        tl.store(part_ptr, acc, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _splitk_sum_kernel(p_ptr, b_ptr, y_ptr, M, N, stride_ym, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """y[m, n] = sum_s p[s, m, n] + bias[n] (p: fp32 partials [S, M, N])."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat over M * N
+    mask = offs < M * N
+    n = offs % N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(p_ptr + s * M * N + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + (offs // N).to(tl.int64) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- dequantize ---------------------------------------------------------------------------------------
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_wn, stride_sn, stride_yn, GROUP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[n, k] = (q[n, k] - z[n, k // G]) * s[n, k // G] in y's dtype; one [BLOCK_N, BLOCK_K] tile a program."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    word = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)  # [W]
+    n64 = offs_n.to(tl.int64)[:, None]
+    live = (offs_n < N)[:, None] & (word < K // 8)[None, :]  # [BN, W]
+    w = tl.load(w_ptr + n64 * stride_wn + word[None, :], mask=live, other=0)  # [BN, W]
+    grp = (word * 8) // GROUP
+    s = tl.load(s_ptr + n64 * stride_sn + grp[None, :], mask=live, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + n64 * stride_sn + grp[None, :], mask=live, other=0.0).to(tl.float32)
+    i = tl.arange(0, 8)
+    q = ((w[:, :, None] >> (i * 4)[None, None, :]) & 15).to(tl.float32)  # [BN, W, 8]
+    y = tl.reshape((q - z[:, :, None]) * s[:, :, None], (BLOCK_N, BLOCK_K))
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    tl.store(y_ptr + n64 * stride_yn + offs_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- host ---------------------------------------------------------------------------------------------
+def _check(x: Tensor, w: Tensor, scale: Tensor, zero: Tensor, group: int, bias: Tensor | None) -> tuple[int, int, int]:
+    if x.dim() != 2 or w.dim() != 2 or w.dtype != torch.int32 or x.shape[1] != 8 * w.shape[1]:
+        raise ValueError(f"expected x [M, K] and packed int32 w [N, K / 8], got {tuple(x.shape)} {x.dtype} and "
+                         f"{tuple(w.shape)} {w.dtype}")
+    m, k, n = x.shape[0], x.shape[1], w.shape[0]
+    if group % 8 or group < 16 or group & (group - 1):
+        raise ValueError(f"group size must be a power of two >= 16, got {group}")
+    groups = -(-k // group)
+    for name, t in (("scale", scale), ("zero", zero)):
+        if t.shape != (n, groups) or t.stride(1) != 1 or not t.is_floating_point():
+            raise ValueError(f"{name} must be float [N={n}, {groups}] contiguous along groups, got {tuple(t.shape)}")
+    if scale.stride(0) != zero.stride(0):
+        raise ValueError("scale and zero must share a layout")
+    if x.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError("x and w must be contiguous along K")
+    if bias is not None and (bias.numel() != n or not bias.is_contiguous()):
+        raise ValueError(f"bias must be contiguous [N={n}], got {tuple(bias.shape)}")
+    return m, n, k
+
+
+def _interpreted(t: Tensor) -> bool:
+    return not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def gemv(x: Tensor, w: Tensor, scale: Tensor, zero: Tensor, group: int, bias: Tensor | None = None,
+         config: GemvConfig | None = None) -> Tensor:
+    """x [M, K] @ INT4 w^T (+ bias) -> [M, N] in x's dtype; one row of x a program (W re-read from L2 per row)."""
+    m, n, k = _check(x, w, scale, zero, group, bias)
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0:
+        return y
+    cfg = config or gemv_config(m, n, k)
+    b = bias if bias is not None else scale  # NOTE: a valid pointer; HAS_BIAS=False never reads it
+    _gemv_kernel[(m, triton.cdiv(n, cfg.block_n))](x, w, scale, zero, b, y, n, k, x.stride(0), w.stride(0),
+                                                   scale.stride(0), y.stride(0), 1, group, bias is not None,
+                                                   cfg.block_n, cfg.unroll, num_warps=cfg.num_warps)
+    return y
+
+
+def matmul(x: Tensor, w: Tensor, scale: Tensor, zero: Tensor, group: int, bias: Tensor | None = None,
+           config: GemmConfig | None = None) -> Tensor:
+    """x [M, K] @ INT4 w^T (+ bias) -> [M, N] in x's dtype through tl.dot (any M)."""
+    m, n, k = _check(x, w, scale, zero, group, bias)
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0:
+        return y
+    cfg = config or gemm_config(m, n, k, group, _sms(x))
+    if group % cfg.block_k:
+        raise ValueError(f"block_k {cfg.block_k} must divide the group size {group} (one group per K step)")
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k
+    part = torch.empty((cfg.split_k, m, n), device=x.device, dtype=torch.float32) if cfg.split_k > 1 else y
+    b = bias if bias is not None else scale
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), cfg.split_k)
+    dot_f32 = x.dtype == torch.float32 or _interpreted(x)
+    _matmul_kernel[grid](x, w, scale, zero, b, y, part, m, n, k, x.stride(0), w.stride(0), scale.stride(0),
+                         y.stride(0), k_per_split, group, bias is not None and cfg.split_k == 1, cfg.split_k,
+                         cfg.dequant_tile, dot_f32, cfg.block_m, cfg.block_n, cfg.block_k,
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.split_k > 1:
+        block = 1024
+        _splitk_sum_kernel[(triton.cdiv(m * n, block),)](part, b, y, m, n, y.stride(0), bias is not None,
+                                                         cfg.split_k, block, num_warps=4)
+    return y
+
+
+def dequantize(w: Tensor, scale: Tensor, zero: Tensor, group: int, dtype: torch.dtype = torch.bfloat16,
+               block_n: int = 32, block_k: int = 256) -> Tensor:
+    """-> [N, K] in dtype: (q - zero) * scale (the weight that cuBLAS multiplies in prefill)."""
+    n, k = w.shape[0], 8 * w.shape[1]
+    _check(torch.empty((0, k), device=w.device), w, scale, zero, group, None)
+    y = torch.empty((n, k), device=w.device, dtype=dtype)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    _dequant_kernel[grid](w, scale, zero, y, n, k, w.stride(0), scale.stride(0), y.stride(0), group, block_n,
+                          block_k, num_warps=4)
+    return y
+
+
+def w4a16_linear(x: Tensor, w: Tensor, scale: Tensor, zero: Tensor, group: int,
+                 bias: Tensor | None = None) -> Tensor:
+    """The dispatch the linear method uses: GEMV for up to GEMV_ROWS rows, tl.dot below PREFILL_ROWS,
+    dequantize + cuBLAS from there (shapes only: CUDA-graph safe)."""
+    m = x.shape[0]
+    if m <= GEMV_ROWS:
+        return gemv(x, w, scale, zero, group, bias)
+    if m < PREFILL_ROWS:
+        return matmul(x, w, scale, zero, group, bias)
+    return F.linear(x, dequantize(w, scale, zero, group, x.dtype), bias)
+
+
+__all__ = ["GEMV_ROWS", "PREFILL_ROWS", "GemmConfig", "GemvConfig", "dequantize", "gemm_candidates", "gemm_config",
+           "gemv", "gemv_candidates", "gemv_config", "matmul", "w4a16_linear"]
