@@ -115,17 +115,20 @@ class Weights:
         return L.int4_reference(x, *self.q, GROUP)
 
 
+def tinygemm_scales_and_zeros(scale, zero):
+    """[K/G, N, 2] bf16 for tinygemm's w = (q - 8) * scale + zero from ours, w = (q - zero) * scale."""
+    s = scale.float()
+    return torch.stack([s, (8.0 - zero.float()) * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
 def tinygemm_prepare(packed, scale, zero):
-    """Our format -> tinygemm's: uint8 [N, K/2] (even k in the high nibble) packed by torch for innerKTiles 8,
-    and scales_and_zeros [K/G, N, 2] bf16 with w = (q - 8) * scale + zero, i.e. zero = (8 - our zero) * scale."""
+    """Our format -> tinygemm's (CUDA): uint8 [N, K/2] with even k in the high nibble, packed by torch for
+    innerKTiles 8, and tinygemm_scales_and_zeros."""
     from autoglm_trt.layers import int4 as L
 
     q = L.unpack_int4(packed).to(torch.int32)  # [N, K]
     u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()
-    w = torch.ops.aten._convert_weight_to_int4pack(u8, 8)
-    s = scale.float()
-    sz = torch.stack([s, (8.0 - zero.float()) * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    return w, sz
+    return torch.ops.aten._convert_weight_to_int4pack(u8, 8), tinygemm_scales_and_zeros(scale, zero)
 
 
 def gemlite_prepare(packed, scale, zero, n: int, k: int):
