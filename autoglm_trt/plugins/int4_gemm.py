@@ -261,10 +261,10 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_wn, stride_sn, stri
     w = tl.load(w_ptr + n64 * stride_wn + word[None, :], mask=live, other=0)  # [BN, W]
     grp = (word * 8) // GROUP
     s = tl.load(s_ptr + n64 * stride_sn + grp[None, :], mask=live, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + n64 * stride_sn + grp[None, :], mask=live, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + n64 * stride_sn + grp[None, :], mask=live, other=0.0).to(tl.float32) + _MAGIC
     i = tl.arange(0, 8)
-    q = ((w[:, :, None] >> (i * 4)[None, None, :]) & 15).to(tl.float32)  # [BN, W, 8]
-    y = tl.reshape((q - z[:, :, None]) * s[:, :, None], (BLOCK_N, BLOCK_K))
+    q = (((w[:, :, None] >> (i * 4)[None, None, :]) & 15) | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + q
+    y = tl.reshape((q - z[:, :, None]) * s[:, :, None], (BLOCK_N, BLOCK_K))  # (q - zero) * scale
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     tl.store(y_ptr + n64 * stride_yn + offs_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
