@@ -37,12 +37,27 @@ SHAPES = {"qkv": (4608, 4096), "o": (4096, 4096), "gate_up": (27392, 4096), "dow
 BATCHES = (1, 8, 32, 3500)
 GROUP = 128
 L2_BYTES = 50 << 20
+DEV = "cuda"
+LAYERS = 40
+
+
+def dry_run_setup() -> None:
+    """--dry-run: the whole script on the CPU (Triton interpreter, tiny shapes), to check it before GPU time."""
+    global DEV, SHAPES, BATCHES, L2_BYTES, LAYERS
+    os.environ["TRITON_INTERPRET"] = "1"  # NOTE: before triton's first import
+    DEV, L2_BYTES, LAYERS = "cpu", 1 << 12, 1
+    SHAPES = {"qkv": (72, 128), "o": (64, 128), "gate_up": (80, 128), "down": (64, 256)}
+    BATCHES = (1, 3, 70)
 EPILOG = ("gemlite is pure Python + Triton: to time it on a machine without network, copy its package folder "
           "(pip download gemlite==0.6.0.post2, unpack, gemlite/) into a folder you carry and set PYTHONPATH to it.")
 
 
 # ---- timing ---------------------------------------------------------------------------------------------
 def median_ms(fn, iters: int) -> float:
+    if DEV == "cpu":
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(iters):
@@ -61,6 +76,8 @@ def rotating_ms(calls: list, iters: int) -> float:
             c()
 
     step()
+    if DEV == "cpu":
+        return median_ms(step, 1) / len(calls)
     torch.cuda.synchronize()
     try:
         graph = torch.cuda.CUDAGraph()
@@ -76,10 +93,13 @@ def rotating_ms(calls: list, iters: int) -> float:
 
 def free() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
 
 
 def copy_tbs() -> float:
+    if DEV == "cpu":
+        return 0.1
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     b.copy_(a)
@@ -90,6 +110,8 @@ def copy_tbs() -> float:
 
 
 def gemm_tflops() -> float:
+    if DEV == "cpu":
+        return 1.0  # NOTE: placeholders in a dry run
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = median_ms(lambda: a @ a, 5)
     del a
@@ -104,8 +126,8 @@ class Weights:
     def __init__(self, n: int, k: int, seed: int) -> None:
         from autoglm_trt.layers import int4 as L
 
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        self.bf16 = (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+        g = torch.Generator(device=DEV).manual_seed(seed)
+        self.bf16 = (torch.randn(n, k, device=DEV, generator=g) * 0.02).to(torch.bfloat16)
         self.q = L.quantize_int4(self.bf16, GROUP)  # (packed, scale, zero)
         self.extra: dict = {}
 
@@ -153,7 +175,7 @@ def probe_libraries() -> dict:
 
         out["gemlite"] = f"ok {getattr(gemlite, '__version__', '?')}"
         cfg = Path(gemlite.__file__).parent / "configs" / "h100.json"
-        if "H100" in torch.cuda.get_device_name() and cfg.is_file():
+        if DEV == "cuda" and "H100" in torch.cuda.get_device_name() and cfg.is_file():
             gemlite.load_config(str(cfg))  # NOTE: its shipped H100 autotune cache: less autotuning here
     except Exception as exc:  # noqa: BLE001
         out["gemlite"] = f"missing: {type(exc).__name__}: {exc}"[:200]
@@ -219,7 +241,7 @@ def bench_row(shape: str, m: int, cands: list[str], libs: dict, deadline: float,
     int4_bytes = n * k // 2
     copies = 2 if m > 64 else max(2, -(-4 * L2_BYTES // int4_bytes))
     ws = [Weights(n, k, seed) for seed in range(copies)]
-    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
     row = {"shape": shape, "n": n, "k": k, "m": m, "us": {}, "tb_s": {}, "rel_err": {}, "skipped": {}}
     flops_us = 2 * m * n * k / env["bf16_tflops"] / 1e6
     row["floor_us"] = {"bf16": max(bytes_read("bf16", m, n, k) / env["copy_tb_s"] / 1e6, flops_us),
@@ -250,13 +272,13 @@ def print_row(r: dict, cands: list[str]) -> None:
 
 # ---- the decode step's linears ---------------------------------------------------------------------------
 @torch.inference_mode()
-def step_floor(m: int, libs: dict, layers: int = 40) -> dict:
+def step_floor(m: int, libs: dict) -> dict:
     """ms of all decoder linears of one decode step at m rows, one CUDA graph per mode: bf16, int4, tinygemm."""
     from autoglm_trt import plugins
     from autoglm_trt.layers import int4 as L
     from autoglm_trt.plugins import int4_gemm as K
 
-    x = {k: torch.randn(m, k, device="cuda").to(torch.bfloat16) for k in (4096, 13696)}
+    x = {k: torch.randn(m, k, device=DEV).to(torch.bfloat16) for _, k in SHAPES.values()}
     out = {}
     for mode in ("bf16", "int4", "tinygemm"):
         if mode == "tinygemm" and not libs["tinygemm"].startswith("ok"):
@@ -264,9 +286,9 @@ def step_floor(m: int, libs: dict, layers: int = 40) -> dict:
             continue
         try:
             ws = []
-            for _ in range(layers):
+            for _ in range(LAYERS):
                 for n, k in SHAPES.values():
-                    w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+                    w = (torch.randn(n, k, device=DEV) * 0.02).to(torch.bfloat16)
                     ws.append(w if mode == "bf16" else L.quantize_int4(w, GROUP) if mode == "int4"
                               else tinygemm_prepare(*L.quantize_int4(w, GROUP)))
                     del w
@@ -289,8 +311,8 @@ def sweep(deadline: float) -> list[dict]:
     rows = []
     for shape, (n, k) in SHAPES.items():
         ws = [Weights(n, k, s) for s in range(max(2, -(-4 * L2_BYTES // (n * k // 2))))]
-        for m in (1, 8, 32):
-            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        for m in BATCHES[:3]:
+            x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
             cfgs = [("gemv", c) for c in (K.gemv_candidates() if m <= 8 else [])]
             cfgs += [("mm", c) for c in K.gemm_candidates(m, GROUP)]
             for kind, cfg in cfgs:
@@ -314,22 +336,26 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting new measurements after this long")
     ap.add_argument("--sweep", action="store_true", help="also time int4_gemm's candidate launch configs")
     ap.add_argument("--quick", action="store_true", help="M = 1 and 8 only, no step floor (a smoke run)")
+    ap.add_argument("--dry-run", action="store_true", help="everything on the CPU at tiny shapes (Triton interpreter)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("error: bench_int4.py needs a CUDA GPU", file=sys.stderr)
+    if args.dry_run:
+        dry_run_setup()
+    elif not torch.cuda.is_available():
+        print("error: bench_int4.py needs a CUDA GPU (or --dry-run)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     deadline = t0 + args.budget_s
     import triton
 
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "date": time.strftime("%Y-%m-%d"), "copy_tb_s": round(copy_tbs(), 3), "bf16_tflops": round(gemm_tflops(), 1)}
+    env = {"gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (dry run)", "torch": torch.__version__,
+           "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"), "copy_tb_s": round(copy_tbs(), 3),
+           "bf16_tflops": round(gemm_tflops(), 1)}
     libs = probe_libraries()
     print(json.dumps(env), "\n", json.dumps(libs), flush=True)
     cands = ["bf16", "bf16_gemv", "int4", "int4_gemv", "int4_mm", "int4_deq", "tinygemm", "gemlite"]
     print(f"{'shape':>8} {'M':>5} | {'floor16':>8} {'floor4':>8} | " + " ".join(f"{c[:9]:>9}" for c in cands))
     rows = []
-    batches = (1, 8) if args.quick else BATCHES
+    batches = BATCHES[:2] if args.quick else BATCHES
     for m in batches:  # NOTE: M outermost: the decode rows come first if the budget runs out
         for shape in SHAPES:
             rows.append(bench_row(shape, m, cands, libs, deadline, env))
@@ -337,7 +363,7 @@ def main() -> int:
     result = {**env, "group": GROUP, "libraries": libs, "rows": rows}
     if not args.quick:
         result["step_ms"] = {f"m{m}": step_floor(m, libs) if time.perf_counter() < deadline else "time budget"
-                             for m in (1, 8)}
+                             for m in BATCHES[:2]}
         print("decode-step linears (ms):", json.dumps(result["step_ms"]), flush=True)
     if args.sweep:
         result["sweep"] = sweep(deadline + 120)
