@@ -53,7 +53,7 @@ def interp_cases() -> list[tuple[str, dict, float]]:
     from autoglm_trt.plugins import int4_gemm as K
 
     cases = []
-    for x_dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    for x_dt, tol in ((torch.float32, 3e-5), (torch.bfloat16, 2e-2)):  # NOTE: the GEMV gives up 7 bits (docstring)
         d = str(x_dt)[6:]
         for cfg in (K.GemvConfig(4, 1, 4), K.GemvConfig(2, 2, 1), K.GemvConfig(8, 4, 4), None):
             tag = cfg.tag if cfg else "default"
@@ -106,7 +106,7 @@ def aot_rows() -> list[dict]:
     for m, n, k in ((1, 4608, 4096), (1, 4096, 13696), (2, 27392, 4096)):
         cfg = K.gemv_config(m, n, k)
         rows.append(build(f"gemv-{n}x{k}-{cfg.tag}", K._gemv_kernel, {"GROUP": 128, "HAS_BIAS": n == 4608,
-                          "BLOCK_N": cfg.block_n, "UNROLL": cfg.unroll}, cfg.num_warps, 1))
+                          "PRMT": True, "BLOCK_N": cfg.block_n, "UNROLL": cfg.unroll}, cfg.num_warps, 1))
     for m, n, k in ((8, 4608, 4096), (32, 4096, 13696), (3500, 27392, 4096)):
         cfg = K.gemm_config(m, n, k, 128, 132)
         consts = {"GROUP": 128, "HAS_BIAS": False, "SPLIT_K": cfg.split_k, "DEQUANT_TILE": cfg.dequant_tile,
@@ -170,6 +170,37 @@ def test_bad_arguments_say_what_is_wrong() -> None:
     p32, s32, z32 = L.quantize_int4(torch.randn(8, 256), 32)
     with pytest.raises(ValueError, match="divide the group"):
         K.matmul(x, p32, s32, z32, 32, config=K.GemmConfig(16, 16, 64))
+
+
+def _prmt(a: int, b: int, c: int) -> int:
+    """PTX prmt.b32 (default mode): byte k of d is byte c[4k+2:4k] of {b, a} (a = bytes 0..3), sign-fill if c[4k+3]."""
+    src = (b << 32) | a
+    out = 0
+    for k in range(4):
+        sel = (c >> (4 * k)) & 15
+        byte = (src >> (8 * (sel & 7))) & 0xFF
+        out |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << (8 * k)
+    return out
+
+
+@needs_triton
+def test_the_gemv_nibble_asm_gives_the_interpreters_floats() -> None:
+    """The inline PTX (CUDA only) and the integer path that the interpreter runs must make the same 8 floats."""
+    import re
+    import struct
+
+    from autoglm_trt.plugins import int4_gemm as K
+
+    asm = K._NIBBLES_ASM.value if hasattr(K._NIBBLES_ASM, "value") else K._NIBBLES_ASM
+    g = torch.Generator().manual_seed(0)
+    for word in [0, 0xFFFFFFFF, 0x76543210, 0x89ABCDEF] + torch.randint(0, 2**32, (50,), generator=g).tolist():
+        regs = {"$8": word, "lo": word & 0x0F0F0F0F, "hi": (word >> 4) & 0x0F0F0F0F}
+        for out, src, b, c in re.findall(r"prmt\.b32 (\$\d), (\w+), (0x[0-9A-F]+), (0x[0-9A-F]+);", asm):
+            regs[out] = _prmt(regs[src], int(b, 16), int(c, 16))
+        for i in range(8):
+            q = (word >> (4 * i)) & 15
+            got = struct.unpack("<f", struct.pack("<I", regs[f"${i}"]))[0]
+            assert got == 0.5 * (1 + q / 128), (hex(word), i)
 
 
 @pytest.mark.triton_interp
