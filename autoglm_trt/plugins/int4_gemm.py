@@ -3,16 +3,11 @@
     w      int32 [N, K / 8]   word j of row n: q[n, 8j + i] in bits 4i..4i+3
     scale  fp16  [N, ceil(K / G)],  zero fp16 [N, ceil(K / G)] (integers 0..15)   (fp32 / bf16 also run)
 
-- gemv (decode, M <= GEMV_ROWS, one row of x a program): no tl.dot. Each lane owns one word (8 weights) of each
-  of the program's BLOCK_N rows per 256 inputs, UNROLL such words in flight, and the 8 x values of that word as one
-  16-byte load shared by the rows. Nibbles become floats without I2F: PRMT (inline PTX; integer ops under the
-  interpreter) writes nibble i into mantissa bits 16..19 under the exponent of 0.5, the float 0.5 * (1 + q / 128),
-  whose products with x are exact; per word sum_i x_i (q_i - zero) = 256 d - (128 + zero) sum_i x_i with
-  d = sum_i x_i * that float (one FMA chain). About 4.5 SASS instructions a weight at 8 rows (sm_90 compile: a PRMT
-  and an FFMA a weight, the rest loads, addresses and the per-word epilogue); the cancellation costs 7 of fp32's 24
-  bits (relative error ~3e-6 in fp32, nothing in bf16).
+- gemv (decode, M <= GEMV_ROWS): plugins/int4_gemv.py.
 - matmul (small batch and prefill tiles): tl.dot on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]; the weight tile
-  is loaded as [BLOCK_K / 8, BLOCK_N] words and unpacked in registers. BLOCK_K divides G, so one group per step:
+  is loaded as [BLOCK_N, BLOCK_K / 8] words and unpacked in registers by int4_gemv's PRMT floats (an interleave
+  tree keeps each word's 8 values in k order in one lane: 16-byte stores to shared memory; ~6 SASS instructions a
+  weight at 16 rows, sm_90 compile). BLOCK_K divides G, so one group per step:
   exact form: acc += dot(x, q - zero) * scale (q - zero in -15..15 is exact in bf16); dequant_tile form: the
   tile becomes (q - zero) * scale in x's dtype and the dot accumulates directly (fewer FMAs on big tiles).
   Split-K writes fp32 partials that a second launch sums (bias there).
@@ -25,7 +20,6 @@ This module imports triton: import it lazily. The oracle is layers.int4.int4_ref
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -34,29 +28,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from autoglm_trt.plugins.int4_gemv import (
+    GemvConfig,
+    nibble_floats,
+    check_pow2,
+    check_args,
+    gemv,
+    gemv_candidates,
+    gemv_config,
+    interpreted,
+)
+
 _MAGIC = tl.constexpr(8388608.0)  # 2**23: float(0x4B000000 | b) - 2**23 == b for 0 <= b < 2**23
 GEMV_ROWS = 2  # UNMEASURED: at most this many rows take the GEMV, more the tl.dot matmul
 PREFILL_ROWS = 512  # UNMEASURED: from this many rows, dequantize + cuBLAS (bf16 tensor cores at full rate)
-
-
-def _pow2(name: str, v: int) -> None:
-    if v < 1 or v & (v - 1):
-        raise ValueError(f"{name} must be a power of two >= 1, got {v}")
-
-
-@dataclass(frozen=True)
-class GemvConfig:
-    block_n: int = 4  # rows of W per program (every lane takes all of them: x is loaded once for the rows)
-    unroll: int = 2  # words per lane and row in flight: each step reads unroll * 256 inputs
-    num_warps: int = 4  # NOTE: warps split a step's words (unroll >= num_warps keeps every warp busy)
-
-    def __post_init__(self) -> None:
-        for name in ("block_n", "unroll", "num_warps"):
-            _pow2(f"GemvConfig.{name}", getattr(self, name))
-
-    @property
-    def tag(self) -> str:
-        return f"n{self.block_n}u{self.unroll}w{self.num_warps}"
 
 
 @dataclass(frozen=True)
@@ -67,11 +52,11 @@ class GemmConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    dequant_tile: bool = False  # the weight tile to (q * s + o) in x's dtype before the dot (module docstring)
+    dequant_tile: bool = False  # the weight tile to (q - zero) * scale in x's dtype before the dot (docstring)
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps"):
-            _pow2(f"GemmConfig.{name}", getattr(self, name))
+            check_pow2(f"GemmConfig.{name}", getattr(self, name))
         if self.block_m < 16 or self.block_n < 16 or self.block_k < 16 or self.split_k < 1:
             raise ValueError(f"GemmConfig: block_m/n/k >= 16 and split_k >= 1, got {self}")
 
@@ -88,18 +73,6 @@ def _num_sms(device_index: int) -> int:
 
 def _sms(t: Tensor) -> int:
     return _num_sms(t.device.index or 0) if t.is_cuda else 4
-
-
-def gemv_config(m: int, n: int, k: int) -> GemvConfig:
-    """UNMEASURED default: 8 rows a program, 4 words of each row a lane in flight (per weight the fewest SASS
-    instructions of the candidates compiled for sm_90: ~4.5, against 5.1 at 4 rows)."""
-    return GemvConfig(8, 4 if k >= 1024 else 1, 4)
-
-
-def gemv_candidates() -> list[GemvConfig]:
-    """What benchmarks/bench_int4.py --sweep times for the GEMV."""
-    return [GemvConfig(bn, u, w) for bn, u, w in ((2, 4, 4), (4, 2, 4), (4, 4, 4), (8, 4, 4), (8, 2, 2), (8, 8, 8),
-                                                  (16, 4, 4), (4, 8, 4))]
 
 
 def gemm_candidates(m: int, group: int = 128) -> list[GemmConfig]:
@@ -128,144 +101,48 @@ def gemm_config(m: int, n: int, k: int, group: int, sms: int) -> GemmConfig:
     return GemmConfig(bm, bn, bk, split, 4, 3)
 
 
-# ---- the GEMV -----------------------------------------------------------------------------------------
-# 8 nibbles of a word -> 8 floats 0.5 * (1 + q / 128): bytes of (w & 0x0F0F0F0F) hold nibbles 0, 2, 4, 6, of
-# (w >> 4) & 0x0F0F0F0F nibbles 1, 3, 5, 7; PRMT puts byte j in bits 16..23 under the exponent byte 0x3F.
-_NIBBLES_ASM = tl.constexpr("""{
-.reg .b32 lo, hi;
-and.b32 lo, $8, 0x0F0F0F0F;
-shr.u32 hi, $8, 4;
-and.b32 hi, hi, 0x0F0F0F0F;
-prmt.b32 $0, lo, 0x3F000000, 0x7044;
-prmt.b32 $1, hi, 0x3F000000, 0x7044;
-prmt.b32 $2, lo, 0x3F000000, 0x7144;
-prmt.b32 $3, hi, 0x3F000000, 0x7144;
-prmt.b32 $4, lo, 0x3F000000, 0x7244;
-prmt.b32 $5, hi, 0x3F000000, 0x7244;
-prmt.b32 $6, lo, 0x3F000000, 0x7344;
-prmt.b32 $7, hi, 0x3F000000, 0x7344;
-}""")
-
-
 @triton.jit
-def _nib(w, I: tl.constexpr):
-    """Nibble I of every word -> the float 0.5 * (1 + q / 128) (q in mantissa bits 16..19), in integer ops."""
-    return ((((w >> (4 * I)) & 15) << 16) | 0x3F000000).to(tl.float32, bitcast=True)
+def _unpack_k(w, zero, PRMT: tl.constexpr):
+    """w [R, W] words, zero [R, 1] -> [R, 8W] fp32 q - zero in k order (k = 8j + i), exactly (256 f - 128 - zero
+    with f = 0.5 (1 + q / 128) from nibble_floats). An interleave tree keeps each word's 8 values next to each
+    other in a lane's registers, so the tile reaches shared memory in 16-byte stores."""
+    f0, f1, f2, f3, f4, f5, f6, f7 = nibble_floats(w, PRMT)
+    c = zero + 128.0
+    lo = tl.interleave(tl.interleave(f0 * 256.0 - c, f4 * 256.0 - c), tl.interleave(f2 * 256.0 - c, f6 * 256.0 - c))
+    hi = tl.interleave(tl.interleave(f1 * 256.0 - c, f5 * 256.0 - c), tl.interleave(f3 * 256.0 - c, f7 * 256.0 - c))
+    return tl.interleave(lo, hi)  # position 8j + i holds nibble i of word j
 
 
-@triton.jit
-def _nibble_floats(w, PRMT: tl.constexpr):
-    """w int32 words -> 8 tensors of w's shape: 0.5 * (1 + q_i / 128) for nibble i = 0..7."""
-    if PRMT:  # 11 instructions a word (inline PTX: CUDA only)
-        i32 = tl.int32
-        b0, b1, b2, b3, b4, b5, b6, b7 = tl.inline_asm_elementwise(
-            _NIBBLES_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(i32, i32, i32, i32, i32, i32, i32, i32),
-            is_pure=True, pack=1)
-        f32 = tl.float32
-        return (b0.to(f32, bitcast=True), b1.to(f32, bitcast=True), b2.to(f32, bitcast=True),
-                b3.to(f32, bitcast=True), b4.to(f32, bitcast=True), b5.to(f32, bitcast=True),
-                b6.to(f32, bitcast=True), b7.to(f32, bitcast=True))
-    return _nib(w, 0), _nib(w, 1), _nib(w, 2), _nib(w, 3), _nib(w, 4), _nib(w, 5), _nib(w, 6), _nib(w, 7)
-
-
-@triton.jit
-def _split8(x, BN: tl.constexpr, U: tl.constexpr):
-    """x [BN, U, 32, 8] -> x[..., 0], ..., x[..., 7] (the 8-axis is in each thread: register moves only)."""
-    a, b = tl.split(tl.reshape(x, (BN, U, 32, 4, 2)))  # a[..., j] = x[..., 2j], b[..., j] = x[..., 2j + 1]
-    a0, a1 = tl.split(tl.reshape(a, (BN, U, 32, 2, 2)))  # a0 = (x0, x4), a1 = (x2, x6)
-    b0, b1 = tl.split(tl.reshape(b, (BN, U, 32, 2, 2)))  # b0 = (x1, x5), b1 = (x3, x7)
-    x0, x4 = tl.split(a0)
-    x2, x6 = tl.split(a1)
-    x1, x5 = tl.split(b0)
-    x3, x7 = tl.split(b1)
-    return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
-def _gemv_step(acc, x_ptrs, w_ptrs, s_rows, z_rows, word, K, GROUP: tl.constexpr, MASKED: tl.constexpr,
-               PRMT: tl.constexpr):
-    """acc [BN, U, 32] += s * sum_i x_i (q_i - z) for each word: x_ptrs [BN, U, 32, 8] (equal along BN),
-    w_ptrs [BN, U, 32] (one word a lane and row), word [U, 32] its index in the row, s_rows / z_rows [BN, 1, 1]."""
-    grp = (word * 8) // GROUP  # [U, 32]
-    if MASKED:  # the ragged last step: words past K read as 0 (x too, so they add nothing)
-        live = word < K // 8
-        w = tl.load(w_ptrs, mask=live[None], other=0, eviction_policy="evict_first")
-        x = tl.load(x_ptrs, mask=live[None, :, :, None], other=0.0)
-        s = tl.load(s_rows + grp[None], mask=live[None], other=0.0)
-        z = tl.load(z_rows + grp[None], mask=live[None], other=0.0)
-    else:  # NOTE: W streams through once: first out of L2
-        w = tl.load(w_ptrs, eviction_policy="evict_first")
-        x = tl.load(x_ptrs)
-        s = tl.load(s_rows + grp[None])
-        z = tl.load(z_rows + grp[None])
-    f0, f1, f2, f3, f4, f5, f6, f7 = _nibble_floats(w, PRMT)  # [BN, U, 32] each
-    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x.to(tl.float32), w.shape[0], w.shape[1])
-    # d = sum_i x_i (1 + q_i / 128) / 2 as one FMA chain (every product exact); xs = sum_i x_i (once for the rows)
-    d = x0 * f0 + x1 * f1 + x2 * f2 + x3 * f3 + x4 * f4 + x5 * f5 + x6 * f6 + x7 * f7
-    xs = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
-    # sum_i x_i (q_i - z) = 256 d - (128 + z) xs
-    return acc + (256.0 * d - (128.0 + z.to(tl.float32)) * xs) * s.to(tl.float32)
-
-
-@triton.jit(do_not_specialize=["one"])
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym, one,
-                 GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PRMT: tl.constexpr, BLOCK_N: tl.constexpr,
-                 UNROLL: tl.constexpr):
-    """y[m, n] = sum_k x[m, k] w[n, k] (+ b[n]) for one row m of x and BLOCK_N rows of W a program."""
-    m, pid_n = tl.program_id(0), tl.program_id(1)  # NOTE: rows of x vary fastest: a second row finds W in L2
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_safe = tl.minimum(offs_n, N - 1).to(tl.int64)  # NOTE: clamped rows keep the loads unmasked; stores mask them
-    # NOTE: `one` is a runtime 1 that hides the words' contiguity from the compiler, so each lane takes ONE word
-    # (8 weights) of a row instead of a 16-byte vector: x's 8 values of that word then load as one 16-byte
-    # vector in the same register layout, and no tile goes through shared memory (tests: int4 aot).
-    word0 = (tl.arange(0, UNROLL)[:, None] * 32 + tl.arange(0, 32)[None, :]) * one  # [U, 32]
-    w_ptrs = w_ptr + (n_safe * stride_wn)[:, None, None] + word0[None, :, :]  # [BN, U, 32]
-    kk = word0[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # [U, 32, 8] input channels
-    x_ptrs = x_ptr + m.to(tl.int64) * stride_xm + kk[None] + tl.zeros((BLOCK_N, 1, 1, 1), tl.int32)  # [BN, U, 32, 8]
-    s_rows = s_ptr + (n_safe * stride_sn)[:, None, None]  # [BN, 1, 1]
-    z_rows = z_ptr + (n_safe * stride_sn)[:, None, None]
-    acc = tl.zeros((BLOCK_N, UNROLL, 32), dtype=tl.float32)
-    STEP: tl.constexpr = UNROLL * 256
-    k_full = K - K % STEP
-    for k0 in tl.range(0, k_full, STEP):
-        acc = _gemv_step(acc, x_ptrs + k0, w_ptrs + k0 // 8, s_rows, z_rows, word0 + k0 // 8, K, GROUP, False, PRMT)
-    if k_full < K:
-        acc = _gemv_step(acc, x_ptrs + k_full, w_ptrs + k_full // 8, s_rows, z_rows, word0 + k_full // 8, K,
-                         GROUP, True, PRMT)
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + n_safe).to(tl.float32)
-    tl.store(y_ptr + m.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
-
-
-# ---- the tl.dot matmul --------------------------------------------------------------------------------
 @triton.jit
 def _matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
                    stride_ym, k_per_split, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                   DEQUANT_TILE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   EVEN_K: tl.constexpr, DEQUANT_TILE: tl.constexpr, DOT_F32: tl.constexpr, PRMT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # NOTE: M tiles vary fastest, so the programs sharing a weight tile run together: W leaves HBM once
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = offs_m < M, offs_n < N
-    WORDS: tl.constexpr = BLOCK_K // 8
-    j, i = tl.arange(0, WORDS), tl.arange(0, 8)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
-    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn  # [1, BN]
-    s_cols = s_ptr + offs_n.to(tl.int64) * stride_sn  # [BN]
-    z_cols = z_ptr + offs_n.to(tl.int64) * stride_sn
+    # NOTE: clamped rows keep the loads unmasked (EVEN_K: no mask at all); the stores mask them
+    m_safe, n_safe = tl.minimum(offs_m, M - 1).to(tl.int64), tl.minimum(offs_n, N - 1).to(tl.int64)
+    x_rows = x_ptr + m_safe[:, None] * stride_xm  # [BM, 1]
+    w_rows = w_ptr + n_safe[:, None] * stride_wn  # [BN, 1]
+    s_cols = s_ptr + n_safe * stride_sn  # [BN]
+    z_cols = z_ptr + n_safe * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        word = k0 // 8 + j  # [W]
-        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BM, BK]
-        w = tl.load(w_cols + word[:, None], mask=n_mask[None, :] & (word < K // 8)[:, None], other=0)  # [W, BN]
-        q = tl.reshape((w[:, None, :] >> (i * 4)[None, :, None]) & 15, (BLOCK_K, BLOCK_N))  # [BK, BN], k = 8j + i
-        s = tl.load(s_cols + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
-        z = tl.load(z_cols + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32) + _MAGIC
-        qz = (q | 0x4B000000).to(tl.float32, bitcast=True) - z[None, :]  # [BK, BN] q - zero, exact
+        word = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # [W]
+        if EVEN_K:
+            x = tl.load(x_rows + offs_k[None, :])  # [BM, BK]
+            w = tl.load(w_rows + word[None, :])  # [BN, W]
+        else:
+            x = tl.load(x_rows + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0)
+            w = tl.load(w_rows + word[None, :], mask=(word < K // 8)[None, :], other=0)
+        s = tl.load(s_cols + k0 // GROUP).to(tl.float32)  # [BN]
+        z = tl.load(z_cols + k0 // GROUP).to(tl.float32)
+        qz = tl.trans(_unpack_k(w, z[:, None], PRMT))  # [BK, BN] q - zero (exact), k contiguous in each lane
         if DEQUANT_TILE:
             wt = qz * s[None, :]  # [BK, BN]
             if DOT_F32:
@@ -325,50 +202,10 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_wn, stride_sn, stri
 
 
 # ---- host ---------------------------------------------------------------------------------------------
-def _check(x: Tensor, w: Tensor, scale: Tensor, zero: Tensor, group: int, bias: Tensor | None) -> tuple[int, int, int]:
-    if x.dim() != 2 or w.dim() != 2 or w.dtype != torch.int32 or x.shape[1] != 8 * w.shape[1]:
-        raise ValueError(f"expected x [M, K] and packed int32 w [N, K / 8], got {tuple(x.shape)} {x.dtype} and "
-                         f"{tuple(w.shape)} {w.dtype}")
-    m, k, n = x.shape[0], x.shape[1], w.shape[0]
-    if group % 8 or group < 16 or group & (group - 1):
-        raise ValueError(f"group size must be a power of two >= 16, got {group}")
-    groups = -(-k // group)
-    for name, t in (("scale", scale), ("zero", zero)):
-        if t.shape != (n, groups) or t.stride(1) != 1 or not t.is_floating_point():
-            raise ValueError(f"{name} must be float [N={n}, {groups}] contiguous along groups, got {tuple(t.shape)}")
-    if scale.stride(0) != zero.stride(0):
-        raise ValueError("scale and zero must share a layout")
-    if x.stride(1) != 1 or w.stride(1) != 1:
-        raise ValueError("x and w must be contiguous along K")
-    if bias is not None and (bias.numel() != n or not bias.is_contiguous()):
-        raise ValueError(f"bias must be contiguous [N={n}], got {tuple(bias.shape)}")
-    return m, n, k
-
-
-def _interpreted(t: Tensor) -> bool:
-    return not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def gemv(x: Tensor, w: Tensor, scale: Tensor, zero: Tensor, group: int, bias: Tensor | None = None,
-         config: GemvConfig | None = None) -> Tensor:
-    """x [M, K] @ INT4 w^T (+ bias) -> [M, N] in x's dtype; one row of x a program (W re-read from L2 per row)."""
-    m, n, k = _check(x, w, scale, zero, group, bias)
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    if m == 0:
-        return y
-    cfg = config or gemv_config(m, n, k)
-    b = bias if bias is not None else scale  # NOTE: a valid pointer; HAS_BIAS=False never reads it
-    _gemv_kernel[(m, triton.cdiv(n, cfg.block_n))](x, w, scale, zero, b, y, n, k, x.stride(0), w.stride(0),
-                                                   scale.stride(0), y.stride(0), 1, group, bias is not None,
-                                                   not _interpreted(x), cfg.block_n, cfg.unroll,
-                                                   num_warps=cfg.num_warps)
-    return y
-
-
 def matmul(x: Tensor, w: Tensor, scale: Tensor, zero: Tensor, group: int, bias: Tensor | None = None,
            config: GemmConfig | None = None) -> Tensor:
     """x [M, K] @ INT4 w^T (+ bias) -> [M, N] in x's dtype through tl.dot (any M)."""
-    m, n, k = _check(x, w, scale, zero, group, bias)
+    m, n, k = check_args(x, w, scale, zero, group, bias)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
         return y
@@ -379,10 +216,11 @@ def matmul(x: Tensor, w: Tensor, scale: Tensor, zero: Tensor, group: int, bias: 
     part = torch.empty((cfg.split_k, m, n), device=x.device, dtype=torch.float32) if cfg.split_k > 1 else y
     b = bias if bias is not None else scale
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), cfg.split_k)
-    dot_f32 = x.dtype == torch.float32 or _interpreted(x)
+    dot_f32 = x.dtype == torch.float32 or interpreted(x)
     _matmul_kernel[grid](x, w, scale, zero, b, y, part, m, n, k, x.stride(0), w.stride(0), scale.stride(0),
                          y.stride(0), k_per_split, group, bias is not None and cfg.split_k == 1, cfg.split_k,
-                         cfg.dequant_tile, dot_f32, cfg.block_m, cfg.block_n, cfg.block_k,
+                         k % cfg.block_k == 0, cfg.dequant_tile, dot_f32, not interpreted(x), cfg.block_m,
+                         cfg.block_n, cfg.block_k,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.split_k > 1:
         block = 1024
@@ -395,7 +233,7 @@ def dequantize(w: Tensor, scale: Tensor, zero: Tensor, group: int, dtype: torch.
                block_n: int = 32, block_k: int = 256) -> Tensor:
     """-> [N, K] in dtype: (q - zero) * scale (the weight that cuBLAS multiplies in prefill)."""
     n, k = w.shape[0], 8 * w.shape[1]
-    _check(torch.empty((0, k), device=w.device), w, scale, zero, group, None)
+    check_args(torch.empty((0, k), device=w.device), w, scale, zero, group, None)
     y = torch.empty((n, k), device=w.device, dtype=dtype)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     _dequant_kernel[grid](w, scale, zero, y, n, k, w.stride(0), scale.stride(0), y.stride(0), group, block_n,

@@ -1,4 +1,4 @@
-"""The W4A16 Triton kernels (plugins/int4_gemm.py) against layers.int4.int4_reference.
+"""The W4A16 Triton kernels (plugins/int4_gemm.py, int4_gemv.py) against layers.int4.int4_reference.
 
 CPU: the kernels under the Triton interpreter and compiled for sm_90 (this file run as a script in a subprocess:
 TRITON_INTERPRET must be set before triton is imported). GPU (@gpu): the 9B's shapes at decode and prefill
@@ -83,6 +83,7 @@ def aot_rows() -> list[dict]:
     from triton.compiler import ASTSource
 
     from autoglm_trt.plugins import int4_gemm as K
+    from autoglm_trt.plugins import int4_gemv as V
 
     sys.path.insert(0, str(HERE.parent))
     from aot_compile import _resources
@@ -105,12 +106,13 @@ def aot_rows() -> list[dict]:
     rows = []
     for m, n, k in ((1, 4608, 4096), (1, 4096, 13696), (2, 27392, 4096)):
         cfg = K.gemv_config(m, n, k)
-        rows.append(build(f"gemv-{n}x{k}-{cfg.tag}", K._gemv_kernel, {"GROUP": 128, "HAS_BIAS": n == 4608,
+        rows.append(build(f"gemv-{n}x{k}-{cfg.tag}", V._gemv_kernel, {"GROUP": 128, "HAS_BIAS": n == 4608,
                           "PRMT": True, "BLOCK_N": cfg.block_n, "UNROLL": cfg.unroll}, cfg.num_warps, 1))
     for m, n, k in ((8, 4608, 4096), (32, 4096, 13696), (3500, 27392, 4096)):
         cfg = K.gemm_config(m, n, k, 128, 132)
-        consts = {"GROUP": 128, "HAS_BIAS": False, "SPLIT_K": cfg.split_k, "DEQUANT_TILE": cfg.dequant_tile,
-                  "DOT_F32": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}
+        consts = {"GROUP": 128, "HAS_BIAS": False, "SPLIT_K": cfg.split_k, "EVEN_K": True,
+                  "DEQUANT_TILE": cfg.dequant_tile, "DOT_F32": False, "PRMT": True, "BLOCK_M": cfg.block_m,
+                  "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}
         rows.append(build(f"matmul-{m}x{n}x{k}-{cfg.tag}", K._matmul_kernel, consts, cfg.num_warps, cfg.num_stages))
     rows.append(build("dequantize", K._dequant_kernel, {"GROUP": 128, "BLOCK_N": 32, "BLOCK_K": 256}, 4, 1))
     return rows
@@ -189,9 +191,9 @@ def test_the_gemv_nibble_asm_gives_the_interpreters_floats() -> None:
     import re
     import struct
 
-    from autoglm_trt.plugins import int4_gemm as K
+    from autoglm_trt.plugins import int4_gemv as V
 
-    asm = K._NIBBLES_ASM.value if hasattr(K._NIBBLES_ASM, "value") else K._NIBBLES_ASM
+    asm = V._NIBBLES_ASM.value if hasattr(V._NIBBLES_ASM, "value") else V._NIBBLES_ASM
     g = torch.Generator().manual_seed(0)
     for word in [0, 0xFFFFFFFF, 0x76543210, 0x89ABCDEF] + torch.randint(0, 2**32, (50,), generator=g).tolist():
         regs = {"$8": word, "lo": word & 0x0F0F0F0F, "hi": (word >> 4) & 0x0F0F0F0F}
