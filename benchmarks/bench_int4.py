@@ -330,7 +330,8 @@ def sweep(deadline: float) -> list[dict]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     default_json = os.path.join(os.environ["OUT"], "bench_int4.json") if os.environ.get("OUT") else None
     ap.add_argument("--json", default=default_json, help="where to write the results ($OUT/bench_int4.json if set)")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting new measurements after this long")

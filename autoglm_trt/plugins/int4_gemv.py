@@ -111,7 +111,7 @@ def _split8(x, BN: tl.constexpr, U: tl.constexpr):
 
 @triton.jit
 def _gemv_step(acc, x_ptrs, w_ptrs, s_rows, z_rows, word, K, GROUP: tl.constexpr, MASKED: tl.constexpr,
-               PRMT: tl.constexpr):
+               PRMT: tl.constexpr, SILU_MUL: tl.constexpr):
     """acc [BN, U, 32] += s * sum_i x_i (q_i - z) for each word: x_ptrs [BN, U, 32, 8] (equal along BN),
     w_ptrs [BN, U, 32] (one word a lane and row), word [U, 32] its index in the row, s_rows / z_rows [BN, 1, 1]."""
     grp = (word * 8) // GROUP  # [U, 32]
@@ -119,15 +119,22 @@ def _gemv_step(acc, x_ptrs, w_ptrs, s_rows, z_rows, word, K, GROUP: tl.constexpr
         live = word < K // 8
         w = tl.load(w_ptrs, mask=live[None], other=0, eviction_policy="evict_first")
         x = tl.load(x_ptrs, mask=live[None, :, :, None], other=0.0)
+        if SILU_MUL:
+            up = tl.load(x_ptrs + K, mask=live[None, :, :, None], other=0.0)
         s = tl.load(s_rows + grp[None], mask=live[None], other=0.0)
         z = tl.load(z_rows + grp[None], mask=live[None], other=0.0)
     else:  # NOTE: W streams through once: first out of L2
         w = tl.load(w_ptrs, eviction_policy="evict_first")
         x = tl.load(x_ptrs)
+        if SILU_MUL:
+            up = tl.load(x_ptrs + K)
         s = tl.load(s_rows + grp[None])
         z = tl.load(z_rows + grp[None])
+    xf = x.to(tl.float32)
+    if SILU_MUL:  # NOTE: rounded to x's dtype, as plugins.silu_mul would store it for down_proj
+        xf = (xf / (1.0 + tl.exp(-xf)) * up.to(tl.float32)).to(x.dtype).to(tl.float32)
     f0, f1, f2, f3, f4, f5, f6, f7 = nibble_floats(w, PRMT)  # [BN, U, 32] each
-    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x.to(tl.float32), w.shape[0], w.shape[1])
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xf, w.shape[0], w.shape[1])
     # d = sum_i x_i (1 + q_i / 128) / 2 as one FMA chain (every product exact); xs = sum_i x_i (once for the rows)
     d = x0 * f0 + x1 * f1 + x2 * f2 + x3 * f3 + x4 * f4 + x5 * f5 + x6 * f6 + x7 * f7
     xs = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
@@ -137,9 +144,10 @@ def _gemv_step(acc, x_ptrs, w_ptrs, s_rows, z_rows, word, K, GROUP: tl.constexpr
 
 @triton.jit(do_not_specialize=["one"])
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym, one,
-                 GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PRMT: tl.constexpr, BLOCK_N: tl.constexpr,
-                 UNROLL: tl.constexpr):
-    """y[m, n] = sum_k x[m, k] w[n, k] (+ b[n]) for one row m of x and BLOCK_N rows of W a program."""
+                 GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PRMT: tl.constexpr, SILU_MUL: tl.constexpr,
+                 BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
+    """y[m, n] = sum_k act(x)[m, k] w[n, k] (+ b[n]) for one row m of x and BLOCK_N rows of W a program;
+    act = silu(gate) * up when SILU_MUL (x [M, 2K])."""
     m, pid_n = tl.program_id(0), tl.program_id(1)  # NOTE: rows of x vary fastest: a second row finds W in L2
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_safe = tl.minimum(offs_n, N - 1).to(tl.int64)  # NOTE: clamped rows keep the loads unmasked; stores mask them
@@ -156,23 +164,26 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_xm, stri
     STEP: tl.constexpr = UNROLL * 256
     k_full = K - K % STEP
     for k0 in tl.range(0, k_full, STEP):
-        acc = _gemv_step(acc, x_ptrs + k0, w_ptrs + k0 // 8, s_rows, z_rows, word0 + k0 // 8, K, GROUP, False, PRMT)
+        acc = _gemv_step(acc, x_ptrs + k0, w_ptrs + k0 // 8, s_rows, z_rows, word0 + k0 // 8, K, GROUP, False, PRMT,
+                         SILU_MUL)
     if k_full < K:
         acc = _gemv_step(acc, x_ptrs + k_full, w_ptrs + k_full // 8, s_rows, z_rows, word0 + k_full // 8, K,
-                         GROUP, True, PRMT)
+                         GROUP, True, PRMT, SILU_MUL)
     y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
     if HAS_BIAS:
         y += tl.load(b_ptr + n_safe).to(tl.float32)
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
-# ---- the tl.dot matmul --------------------------------------------------------------------------------
 # ---- host ---------------------------------------------------------------------------------------------
-def check_args(x: Tensor, w: Tensor, scale: Tensor, zero: Tensor, group: int, bias: Tensor | None) -> tuple[int, int, int]:
-    if x.dim() != 2 or w.dim() != 2 or w.dtype != torch.int32 or x.shape[1] != 8 * w.shape[1]:
-        raise ValueError(f"expected x [M, K] and packed int32 w [N, K / 8], got {tuple(x.shape)} {x.dtype} and "
-                         f"{tuple(w.shape)} {w.dtype}")
-    m, k, n = x.shape[0], x.shape[1], w.shape[0]
+def check_args(x: Tensor, w: Tensor, scale: Tensor, zero: Tensor, group: int, bias: Tensor | None,
+               silu_mul: bool = False) -> tuple[int, int, int]:
+    """-> (M, N, K) after checking the shapes, dtypes and layouts (silu_mul: x is [M, 2K] = [gate | up])."""
+    cols = (2 if silu_mul else 1) * 8 * w.shape[1] if w.dim() == 2 else -1
+    if x.dim() != 2 or w.dim() != 2 or w.dtype != torch.int32 or x.shape[1] != cols:
+        raise ValueError(f"expected x [M, {'2K' if silu_mul else 'K'}] and packed int32 w [N, K / 8], got "
+                         f"{tuple(x.shape)} {x.dtype} and {tuple(w.shape)} {w.dtype}")
+    m, k, n = x.shape[0], 8 * w.shape[1], w.shape[0]
     if group % 8 or group < 16 or group & (group - 1):
         raise ValueError(f"group size must be a power of two >= 16, got {group}")
     groups = -(-k // group)
@@ -188,19 +199,16 @@ def check_args(x: Tensor, w: Tensor, scale: Tensor, zero: Tensor, group: int, bi
     return m, n, k
 
 
-def _interpreted(t: Tensor) -> bool:
-    return not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def interpreted(t: Tensor) -> bool:
     """CPU tensors or TRITON_INTERPRET=1: no inline PTX (the integer paths run instead)."""
     return not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def gemv(x: Tensor, w: Tensor, scale: Tensor, zero: Tensor, group: int, bias: Tensor | None = None,
-         config: GemvConfig | None = None) -> Tensor:
-    """x [M, K] @ INT4 w^T (+ bias) -> [M, N] in x's dtype; one row of x a program (W re-read from L2 per row)."""
-    m, n, k = check_args(x, w, scale, zero, group, bias)
+         config: GemvConfig | None = None, silu_mul: bool = False) -> Tensor:
+    """x [M, K] @ INT4 w^T (+ bias) -> [M, N] in x's dtype; one row of x a program (W re-read from L2 per row).
+    silu_mul: x is [M, 2K] = [gate | up] and feeds silu(gate) * up (down_proj without plugins.silu_mul's launch)."""
+    m, n, k = check_args(x, w, scale, zero, group, bias, silu_mul)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
         return y
@@ -208,7 +216,7 @@ def gemv(x: Tensor, w: Tensor, scale: Tensor, zero: Tensor, group: int, bias: Te
     b = bias if bias is not None else scale  # NOTE: a valid pointer; HAS_BIAS=False never reads it
     _gemv_kernel[(m, triton.cdiv(n, cfg.block_n))](x, w, scale, zero, b, y, n, k, x.stride(0), w.stride(0),
                                                    scale.stride(0), y.stride(0), 1, group, bias is not None,
-                                                   not interpreted(x), cfg.block_n, cfg.unroll,
+                                                   not interpreted(x), silu_mul, cfg.block_n, cfg.unroll,
                                                    num_warps=cfg.num_warps)
     return y
 

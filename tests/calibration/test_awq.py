@@ -39,7 +39,8 @@ def test_awq_beats_round_to_nearest_on_outlier_channels(objective: str) -> None:
 def test_awq_is_never_worse_than_round_to_nearest_on_its_objective() -> None:
     g = torch.Generator().manual_seed(3)
     w, x = torch.randn(64, 256, generator=g), torch.randn(256, 256, generator=g)  # no outliers: s = 1 may win
-    for stats in (awq.ChannelStats(x.abs().mean(0), (x * x).mean(0), x), awq.ChannelStats(x.abs().mean(0), (x * x).mean(0))):
+    a, x2 = x.abs().mean(0), (x * x).mean(0)
+    for stats in (awq.ChannelStats(a, x2, x), awq.ChannelStats(a, x2)):
         r = awq.search_scale(w, stats, 128)
         assert r.err_awq <= r.err_rtn
         if r.alpha == 0.0:

@@ -178,7 +178,8 @@ def test_int4_tiny_model_computes_its_dequantized_weights(our_model, batch, awq,
     lin = m.language_model.layers[0].mlp.down_proj
     assert lin.weight.dtype == torch.int32 and isinstance(lin.quant_method, L.Int4Method)
     assert m.lm_head.weight.dtype == torch.int8 and m.quant_config["mode"] == "int4-awq"
-    assert m.quant_config["awq"] is awq and m.quant_config["clip_search"] is clip and m.quant_config["group_size"] == 128
+    cfg = m.quant_config
+    assert cfg["awq"] is awq and cfg["clip_search"] is clip and cfg["group_size"] == 128
 
 
 def test_clipping_search_lowers_the_tiny_models_error(our_model, batch) -> None:
@@ -209,7 +210,8 @@ def test_state_dict_round_trip_gives_the_same_logits(our_model, batch, tiny_mode
 
 # ---- torch's tinygemm layout (benchmarks/bench_int4.py compares against it on the GPU) -------------------
 def test_tinygemm_scales_and_zeros_describe_our_weights() -> None:
-    spec = importlib.util.spec_from_file_location("bench_int4", Path(__file__).parents[2] / "benchmarks" / "bench_int4.py")
+    script = Path(__file__).parents[2] / "benchmarks" / "bench_int4.py"
+    spec = importlib.util.spec_from_file_location("bench_int4", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     w, x = torch.randn(64, 256) * 0.02, torch.randn(3, 256).to(torch.bfloat16)

@@ -30,8 +30,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def case(fn: str, m: int, n: int, k: int, group: int = 128, bias: bool = False, x_dtype=torch.float32,
-         scale_dtype=torch.float16, config=None, device: str = "cpu", seed: int = 0) -> float:
-    """One kernel call (gemv / matmul / w4a16_linear / dequantize) vs the reference; rows of different ranges."""
+         scale_dtype=torch.float16, config=None, device: str = "cpu", seed: int = 0, silu: bool = False) -> float:
+    """One kernel call (gemv / matmul / w4a16_linear / dequantize) vs the reference; rows of different ranges.
+    silu: x is [m, 2k] = [gate | up] and the GEMV feeds silu(gate) * up (rounded to x's dtype) to the weights."""
     from autoglm_trt.plugins import int4_gemm as K
 
     g = torch.Generator(device).manual_seed(seed)
@@ -40,12 +41,13 @@ def case(fn: str, m: int, n: int, k: int, group: int = 128, bias: bool = False, 
     if fn == "dequantize":
         out = K.dequantize(packed, scale, zero, group, torch.float32)
         return rel_err(out, L.dequantize_int4(packed, scale, zero, group))
-    x = torch.randn(m, k, generator=g, device=device).to(x_dtype)
+    x = torch.randn(m, 2 * k if silu else k, generator=g, device=device).to(x_dtype)
     b = torch.randn(n, generator=g, device=device).to(x_dtype) if bias else None
     kw = {"config": config} if config is not None else {}
-    y = getattr(K, fn)(x, packed, scale, zero, group, b, **kw)
+    y = getattr(K, fn)(x, packed, scale, zero, group, b, **kw, **({"silu_mul": True} if silu else {}))
     assert y.shape == (m, n) and y.dtype == x.dtype
-    return rel_err(y, L.int4_reference(x, packed, scale, zero, group, b)) if m else 0.0
+    act = (torch.nn.functional.silu(x[:, :k].float()) * x[:, k:].float()).to(x_dtype) if silu else x
+    return rel_err(y, L.int4_reference(act, packed, scale, zero, group, b)) if m else 0.0
 
 
 def interp_cases() -> list[tuple[str, dict, float]]:
@@ -53,14 +55,14 @@ def interp_cases() -> list[tuple[str, dict, float]]:
     from autoglm_trt.plugins import int4_gemm as K
 
     cases = []
-    for x_dt, tol in ((torch.float32, 3e-5), (torch.bfloat16, 2e-2)):  # NOTE: the GEMV gives up 7 bits (docstring)
+    for x_dt, tol in ((torch.float32, 3e-5), (torch.bfloat16, 2e-2)):  # NOTE: the GEMV loses 7 bits (int4_gemv)
         d = str(x_dt)[6:]
         for cfg in (K.GemvConfig(4, 1, 4), K.GemvConfig(2, 2, 1), K.GemvConfig(8, 4, 4), None):
             tag = cfg.tag if cfg else "default"
             cases.append((f"gemv-{tag}-{d}", {"fn": "gemv", "m": 2, "n": 20, "k": 1032, "bias": True,
                                                "x_dtype": x_dt, "config": cfg}, tol))
-        for cfg in (K.GemmConfig(16, 16, 32), K.GemmConfig(16, 32, 32, split_k=3), K.GemmConfig(32, 16, 16, 2, 4, 2, True),
-                    None):
+        for cfg in (K.GemmConfig(16, 16, 32), K.GemmConfig(16, 32, 32, split_k=3),
+                    K.GemmConfig(32, 16, 16, 2, 4, 2, True), None):
             tag = cfg.tag if cfg else "default"
             cases.append((f"matmul-{tag}-{d}", {"fn": "matmul", "m": 5, "n": 37, "k": 200, "group": 32, "bias": True,
                                                  "x_dtype": x_dt, "config": cfg}, tol))
@@ -68,11 +70,13 @@ def interp_cases() -> list[tuple[str, dict, float]]:
             "gemv-m3-fp32-scales": {"fn": "gemv", "m": 3, "n": 12, "k": 512, "scale_dtype": torch.float32},
             "gemv-bf16-scales": {"fn": "gemv", "m": 1, "n": 9, "k": 256, "scale_dtype": torch.bfloat16},
             "gemv-m0": {"fn": "gemv", "m": 0, "n": 8, "k": 64, "group": 32},
+            "gemv-silu-mul": {"fn": "gemv", "m": 2, "n": 20, "k": 392, "group": 64, "bias": True, "silu": True},
+            "gemv-silu-mul-bf16": {"fn": "gemv", "m": 1, "n": 20, "k": 512, "x_dtype": torch.bfloat16, "silu": True},
             "matmul-m70-prefill-tile": {"fn": "matmul", "m": 70, "n": 24, "k": 256, "group": 64},
             "linear-dispatch-m1": {"fn": "w4a16_linear", "m": 1, "n": 16, "k": 256},
             "linear-dispatch-m9": {"fn": "w4a16_linear", "m": 9, "n": 16, "k": 256},
             "dequantize-short-group": {"fn": "dequantize", "m": 0, "n": 40, "k": 200, "group": 64}}
-    cases += [(name, kw, 1e-5) for name, kw in edge.items()]
+    cases += [(name, kw, 2e-2 if kw.get("x_dtype") == torch.bfloat16 else 3e-5) for name, kw in edge.items()]
     return cases
 
 
@@ -104,10 +108,11 @@ def aot_rows() -> list[dict]:
                 "mma": "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"}
 
     rows = []
-    for m, n, k in ((1, 4608, 4096), (1, 4096, 13696), (2, 27392, 4096)):
+    for m, n, k, silu in ((1, 4608, 4096, False), (1, 4096, 13696, True), (2, 27392, 4096, False)):
         cfg = K.gemv_config(m, n, k)
-        rows.append(build(f"gemv-{n}x{k}-{cfg.tag}", V._gemv_kernel, {"GROUP": 128, "HAS_BIAS": n == 4608,
-                          "PRMT": True, "BLOCK_N": cfg.block_n, "UNROLL": cfg.unroll}, cfg.num_warps, 1))
+        rows.append(build(f"gemv-{n}x{k}-{cfg.tag}{'-silu' if silu else ''}", V._gemv_kernel,
+                          {"GROUP": 128, "HAS_BIAS": n == 4608, "PRMT": True, "SILU_MUL": silu, "BLOCK_N": cfg.block_n,
+                           "UNROLL": cfg.unroll}, cfg.num_warps, 1))
     for m, n, k in ((8, 4608, 4096), (32, 4096, 13696), (3500, 27392, 4096)):
         cfg = K.gemm_config(m, n, k, 128, 132)
         consts = {"GROUP": 128, "HAS_BIAS": False, "SPLIT_K": cfg.split_k, "EVEN_K": True,
@@ -234,6 +239,12 @@ def test_gpu_kernels_at_9b_shapes(shape: str, m: int) -> None:
     for fn in fns:
         assert case(fn, m, n, k, bias=bias, x_dtype=torch.bfloat16, device="cuda", seed=m) < 1e-2, fn
     assert case("dequantize", 0, n, k, device="cuda") < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2])
+def test_gpu_gemv_with_silu_mul_at_down_proj(m: int) -> None:
+    assert case("gemv", m, 4096, 13696, x_dtype=torch.bfloat16, device="cuda", silu=True, seed=m) < 1e-2
 
 
 @pytest.mark.slow
