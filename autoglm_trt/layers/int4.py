@@ -8,10 +8,11 @@ Format (per linear, after tensor-parallel sharding; K = this rank's input featur
 K must be a multiple of 8; the last group may be short (down_proj's 13696 inputs split over 2 ranks: 53.5 groups).
 Why this layout: rows stay output channels, so column- and row-parallel sharding cut it like the float weight;
 K stays contiguous, so the batch-1 GEMV streams each row in 4-byte words (8 weights) per lane and the tl.dot GEMM
-loads [BK / 8, BN] words and unpacks them in registers. The zero point is an integer so that a kernel turns a
-nibble into q - zero exactly with one float add ((nibble | 0x4B000000) as fp32 is 2**23 + q; subtract
-2**23 + zero), and the scale is one multiply per group: sum_k x (q - z) * s.
-Kernels: plugins/int4_gemm.py (Triton, CUDA); the CPU path is `int4_reference` (dequantize, fp32 matmul).
+loads [BN, BK / 8] words and unpacks them in registers. The zero point is an integer so that a kernel gets q - zero
+exactly from a nibble placed in a float's mantissa (plugins/int4_gemv.py: PRMT, then one FMA), and the scale is
+one multiply per group and output channel: sum_k x (q - z) * s.
+Kernels: plugins/int4_gemm.py and int4_gemv.py (Triton, CUDA); the CPU path is `int4_reference` (dequantize,
+then an fp32 matmul), the oracle of the kernels' tests.
 """
 
 from __future__ import annotations
