@@ -107,7 +107,8 @@ def calibrate(
     max_pixels: Optional[int] = typer.Option(None, help="resize bound for the screenshots"),
     onnx: Optional[Path] = typer.Option(None, help="decoder ONNX graph: also write a Q/DQ copy (decoder_qdq.onnx)"),
     report: bool = typer.Option(False, "--report", help="compare INT8 with the float model and print it"),
-    report_mode: str = typer.Option("all", help="w8a8 | int8-wo | fp8 | all (= both INT8 modes)"),
+    report_mode: str = typer.Option("all", help="w8a8 | int8-wo | fp8 | int4-awq | all (= both INT8 modes)"),
+    awq: bool = typer.Option(False, "--awq", help="also search AWQ scales for --quant int4-awq (a third pass)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda", callback=device_choice),
     dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32", callback=dtype_choice),
     trt_version: str = typer.Option("10.0.0", help="TensorRT version written in the calibration cache header"),
@@ -117,7 +118,7 @@ def calibrate(
 
     run_calibrate(model_dir, out, dataset=dataset, method=method, samples=samples, percentile=percentile,
                   alpha=alpha, max_pixels=max_pixels, onnx=onnx, report=report, report_mode=report_mode,
-                  device=device, dtype=dtype, trt_version=trt_version)
+                  device=device, dtype=dtype, trt_version=trt_version, awq=awq)
 
 
 # --- serve commands ---

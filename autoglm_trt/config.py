@@ -12,7 +12,7 @@ from pathlib import Path
 
 from autoglm_trt.errors import UserError
 
-QUANT_MODES = ("none", "int8-wo", "w8a8", "fp8")  # how the decoder's linears run (layers/quant.py)
+QUANT_MODES = ("none", "int8-wo", "w8a8", "fp8", "int4-awq")  # how the decoder's linears run (layers/quantize.py)
 
 SUPPORTED_MODEL_TYPES = ("glm4v",)
 

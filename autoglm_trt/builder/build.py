@@ -68,8 +68,9 @@ def quant_plan(cfg: BuildConfig) -> tuple[QuantPlan, dict]:
     from autoglm_trt.calibration.cache import load_calibration
 
     calib = load_calibration(cfg.calib_dir)
-    record["calibration"] = {"dir": "calibration", "smooth_alpha": getattr(calib, "smooth_alpha", None)}
-    return QuantPlan(cfg.quant, cfg.act_quant, calib if cfg.quant == "w8a8" else None), record
+    record["calibration"] = {"dir": "calibration", "smooth_alpha": getattr(calib, "smooth_alpha", None),
+                             "awq": bool(getattr(calib, "awq_scales", None))}
+    return QuantPlan(cfg.quant, cfg.act_quant, calib if cfg.quant in ("w8a8", "int4-awq") else None), record
 
 
 def _prepare_out(out_dir: Path) -> None:

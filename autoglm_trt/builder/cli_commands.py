@@ -78,7 +78,8 @@ def build_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="new engine directory"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration cache directory (SmoothQuant for w8a8)"),
     dtype: str = typer.Option("bf16", help="bf16 | fp16 | fp32"),
-    quant: str = typer.Option("none", help="none | int8-wo (weight-only INT8) | w8a8 (INT8 weights + activations) | fp8 (e4m3 weights + "
+    quant: str = typer.Option("none", help="none | int8-wo (weight-only INT8) | w8a8 (INT8 weights + activations) | "
+                              "int4-awq (4-bit weights, group 128; AWQ scales from --calib made with --awq) | fp8 (e4m3 weights + "
                               "activations; runs on Ada/Hopper)"),
     act_quant: str = typer.Option("dynamic", help="w8a8 activations: dynamic (per token) | static (calibrated)"),
     tp: int = typer.Option(1, "--tp", help="tensor-parallel ranks (one rank{N}.safetensors each)"),

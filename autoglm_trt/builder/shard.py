@@ -35,7 +35,8 @@ def release(module: nn.Module) -> None:
     module.to_empty(device="meta")
 
 
-_CALIB_DICTS = ("channel_amax", "act_amax", "act_scales", "smooth_scales", "smoothed_amax")
+_CALIB_DICTS = ("channel_amax", "act_amax", "act_scales", "smooth_scales", "smoothed_amax", "awq_scales",
+                "channel_sq_mean")
 
 
 def layer_calibration(calib, layer_idx: int):
@@ -60,7 +61,8 @@ def layer_calibration(calib, layer_idx: int):
 
 def quantize_unit(unit: nn.Module, prefix: str, plan: QuantPlan) -> None:
     """INT8 touches the decoder linears (a layer is quantized through a one-layer holder) and the LM head."""
-    from autoglm_trt.layers.quant import quantize_lm_head, quantize_model
+    from autoglm_trt.layers.quant import quantize_lm_head
+    from autoglm_trt.layers.quantize import quantize_model
 
     if prefix == "lm_head":
         quantize_lm_head(unit)
@@ -71,7 +73,7 @@ def quantize_unit(unit: nn.Module, prefix: str, plan: QuantPlan) -> None:
     holder.layers = nn.ModuleList([unit])
     calib = layer_calibration(plan.calibration, int(prefix.rsplit(".", 1)[1]))
     alpha = getattr(plan.calibration, "smooth_alpha", None) or 0.5
-    quantize_model(holder, plan.mode, act_scales=calib, smooth_alpha=alpha, act_quant=plan.act_quant)
+    quantize_model(holder, plan.mode, calib, smooth_alpha=alpha, act_quant=plan.act_quant)
 
 
 def planned_specs(cfg: ModelConfig, dtype: torch.dtype, plan: QuantPlan) -> dict[str, tuple[torch.dtype, tuple]]:
@@ -79,7 +81,7 @@ def planned_specs(cfg: ModelConfig, dtype: torch.dtype, plan: QuantPlan) -> dict
     model lays out exactly what quantize_unit will write (and what the engine loader will read)."""
     model = build_model(cfg, dtype)
     if plan.mode != "none":
-        from autoglm_trt.layers.quant import quantize_model
+        from autoglm_trt.layers.quantize import quantize_model
 
         quantize_model(model, plan.mode, act_quant=plan.act_quant, lm_head=True)
     return {n: (t.dtype, tuple(t.shape)) for n, t in model.state_dict().items()}

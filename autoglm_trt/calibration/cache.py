@@ -21,7 +21,8 @@ from torch import Tensor
 
 from autoglm_trt.calibration.names import onnx_input_name, onnx_smoothed_input_name
 from autoglm_trt.errors import UserError
-from autoglm_trt.formats.calibration import FORMAT_VERSION, SUMMARY_FILE, CalibrationResult, load_calibration  # noqa: F401 (re-exported)
+from autoglm_trt.formats.calibration import (AWQ_FILES, FORMAT_VERSION, SUMMARY_FILE,  # noqa: F401 (re-exported)
+                                             CalibrationResult, load_calibration)
 
 CACHE_FILE = "calibration.cache"
 DEFAULT_TRT_VERSION = "10.0.0"  # NOTE: the header only; pass the installed TensorRT's version when known
@@ -89,6 +90,9 @@ def save_calibration(result: CalibrationResult, out_dir: str | Path, trt_version
     save_file(_scalars(result.smoothed_amax), str(out / "smoothed_act_amax.safetensors"))
     save_file(_vectors(result.channel_amax), str(out / "channel_amax.safetensors"))
     save_file(_vectors(result.smooth_scales), str(out / "smooth_scales.safetensors"))
+    for name in AWQ_FILES:  # NOTE: only when calibrate --awq searched them (int4-awq)
+        if getattr(result, name):
+            save_file(_vectors(getattr(result, name)), str(out / f"{name}.safetensors"))
     write_trt_cache(out / CACHE_FILE, trt_cache_scales(result), result.method, trt_version)
     summary = {"format_version": FORMAT_VERSION, "method": result.method, "percentile": result.percentile,
                "smooth_alpha": result.smooth_alpha, "num_samples": result.num_samples,

@@ -10,23 +10,26 @@ from autoglm_trt.errors import UserError
 from autoglm_trt.utils.progress import console
 
 # NOTE: "all" is the INT8 modes; fp8 needs FP8 tensor cores (or the CPU) and is asked for by name
-REPORT_MODES = {"w8a8": ("w8a8",), "int8-wo": ("int8-wo",), "fp8": ("fp8",), "all": ("int8-wo", "w8a8")}
+REPORT_MODES = {"w8a8": ("w8a8",), "int8-wo": ("int8-wo",), "fp8": ("fp8",), "int4-awq": ("int4-awq",),
+                "all": ("int8-wo", "w8a8")}
 
 
 def run_calibrate(model_dir: Path, out: Path, *, dataset: Path | None, method: str, samples: int | None,
                   percentile: float, alpha: float, max_pixels: int | None, onnx: Path | None, report: bool,
-                  report_mode: str, device: str, dtype: str, trt_version: str) -> None:
+                  report_mode: str, device: str, dtype: str, trt_version: str, awq: bool = False) -> None:
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} is not a model directory (no config.json)")
     if onnx is not None and not onnx.is_file():
         raise UserError(f"--onnx {onnx} does not exist")
     if out.exists() and not out.is_dir():
         raise UserError(f"-o {out} is a file: name a directory for the calibration")
+    if report_mode == "int4-awq" and not awq:
+        raise UserError("--report-mode int4-awq reports the AWQ build: add --awq")
     if report_mode not in REPORT_MODES:
         raise UserError(f"--report-mode must be one of {', '.join(REPORT_MODES)}, got {report_mode!r}")
     try:
         opts = CalibrateOptions(method=method, samples=samples, smooth_alpha=alpha, percentile=percentile,
-                                max_pixels=max_pixels)
+                                max_pixels=max_pixels, awq=awq)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     result = calibrate(model_dir, out, dataset=dataset, opts=opts, device=device, dtype=dtype, onnx=onnx,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from autoglm_trt.calibration.cache import load_calibration
 from autoglm_trt.calibration.runner import resolve_device
 from autoglm_trt.calibration.samples import HELDOUT_DATASET, HELDOUT_TEXT, encode, forward, load_samples
-from autoglm_trt.layers.quant import quantize_model
+from autoglm_trt.layers.quantize import quantize_model
 from autoglm_trt.processing.inputs import InputProcessor
 from autoglm_trt.utils.logging import log
 from autoglm_trt.utils.progress import step_progress
@@ -119,7 +119,8 @@ def accuracy_report(model_dir: str | Path, calib_dir: str | Path, mode: str, *, 
     dev = resolve_device(device)
     ref = load_model(model_dir, dtype=dtype, device=dev, show_progress=show_progress)
     q = load_model(model_dir, dtype=dtype, device=dev, show_progress=show_progress)
-    quantize_model(q, mode, calib if mode == "w8a8" else None, calib.smooth_alpha, act_quant=act_quant)
+    quantize_model(q, mode, calib if mode in ("w8a8", "int4-awq") else None, act_quant=act_quant,
+                   smooth_alpha=calib.smooth_alpha)
     header = {"mode": mode, "act_quant": act_quant if mode == "w8a8" else None}
     return _report(ref, q, model_dir, dev, header, calib, samples, max_pixels, max_ppl_tokens, show_progress)
 

@@ -41,6 +41,7 @@ class CalibrateOptions:
     smooth_alpha: float = 0.5  # SmoothQuant migration strength
     percentile: float = 99.99
     max_pixels: int | None = None  # image resize bound (None: the processor's default)
+    awq: bool = False  # also search AWQ scales (int4-awq): a third pass keeping sampled rows per linear
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -87,12 +88,27 @@ def collect(model: nn.Module, processor: InputProcessor, samples: list[Sample], 
         act = {k: amax_from_histogram(hist.hists[k].numpy(), hi[k], opts.method, opts.percentile) for k in hi}
         smoothed = {k: amax_from_histogram(hist.mul_hists[k].numpy(), smooth_hi[k], opts.method, opts.percentile)
                     for k in hi}
+    awq_scales, sq_mean = _awq(model, processor, samples, opts, device, show_progress) if opts.awq else ({}, {})
     return CalibrationResult(
+        awq_scales=awq_scales, channel_sq_mean=sq_mean,
         method=opts.method, act_amax={k: torch.tensor(v) for k, v in act.items()},
         smoothed_amax={k: torch.tensor(v) for k, v in smoothed.items()},
         channel_amax={k: v.cpu() for k, v in channel.items()}, smooth_scales={k: v.cpu() for k, v in scales.items()},
         smooth_alpha=opts.smooth_alpha, percentile=opts.percentile, num_samples=len(samples),
         num_tokens=obs.num_tokens)
+
+
+def _awq(model: nn.Module, processor: InputProcessor, samples: list[Sample], opts: CalibrateOptions,
+         device: torch.device, show_progress: bool) -> tuple[dict, dict]:
+    """AWQ's per-channel scales (searched on sampled calibration rows) and E[x^2] -> (awq_scales, channel_sq_mean)."""
+    from autoglm_trt.calibration.awq import AwqObserver, scales_of, search_model
+
+    with AwqObserver(model) as obs:
+        _run_all(model, processor, samples, device, opts.max_pixels, "AWQ statistics" if show_progress else None)
+    stats = obs.stats()
+    if show_progress:
+        log(f"searching AWQ scales for {len(stats)} linears")
+    return scales_of(search_model(model, stats)), {k: st.sq_mean for k, st in stats.items()}
 
 
 def calibrate(model_dir: str | Path, out_dir: str | Path, *, dataset: str | Path | None = None,

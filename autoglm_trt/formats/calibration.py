@@ -8,6 +8,8 @@ CALIB_DIR/
   smoothed_act_amax.safetensors  {key: [1]}  the same for the SmoothQuant-smoothed input x / s
   channel_amax.safetensors       {key: [K]}  max |x| per input channel
   smooth_scales.safetensors      {key: [K]}  SmoothQuant s (for smooth_alpha)
+  awq_scales.safetensors         {key: [K]}  AWQ's s for int4-awq (calibrate --awq; optional)
+  channel_sq_mean.safetensors    {key: [K]}  E[x^2] per input channel, int4-awq's clip search (optional)
   summary.json                   format version, method, options, per-layer figures
 Keys are linear keys ("layers.3.mlp.down_proj").
 """
@@ -26,6 +28,7 @@ from autoglm_trt.errors import UserError
 FORMAT_VERSION = 1
 SUMMARY_FILE = "summary.json"
 STAT_FILES = ("act_amax", "smoothed_act_amax", "channel_amax", "smooth_scales")  # {name}.safetensors
+AWQ_FILES = ("awq_scales", "channel_sq_mean")  # written by calibrate --awq
 
 
 @dataclass
@@ -40,6 +43,8 @@ class CalibrationResult:
     num_samples: int = 0
     num_tokens: int = 0
     info: dict = field(default_factory=dict)  # model_dir, dataset, ... (summary.json)
+    awq_scales: dict[str, Tensor] = field(default_factory=dict)  # key -> [K] AWQ's s (int4-awq), when searched
+    channel_sq_mean: dict[str, Tensor] = field(default_factory=dict)  # key -> [K] E[x^2] (int4-awq clip search)
 
     @property
     def act_scales(self) -> dict[str, Tensor]:
@@ -66,10 +71,13 @@ def load_calibration(calib_dir: str | Path) -> CalibrationResult:
     except (OSError, RuntimeError) as exc:
         raise UserError(f"{d}: cannot read the statistics ({exc}); run `autoglm-trt calibrate` again") from None
     act, smoothed, channel, smooth = tensors
+    awq, sq = ({} if not (d / f"{n}.safetensors").is_file() else load_file(str(d / f"{n}.safetensors"))
+               for n in AWQ_FILES)
     info_keys = ("model_dir", "dataset", "device", "dtype", "max_pixels")
     return CalibrationResult(
         method=summary["method"], act_amax={k: v.reshape(()) for k, v in act.items()},
         smoothed_amax={k: v.reshape(()) for k, v in smoothed.items()}, channel_amax=channel,
         smooth_scales=smooth, smooth_alpha=float(summary["smooth_alpha"]),
         percentile=float(summary.get("percentile", 99.99)), num_samples=int(summary.get("num_samples", 0)),
-        num_tokens=int(summary.get("num_tokens", 0)), info={k: summary[k] for k in info_keys if k in summary})
+        num_tokens=int(summary.get("num_tokens", 0)), info={k: summary[k] for k in info_keys if k in summary},
+        awq_scales=awq, channel_sq_mean=sq)

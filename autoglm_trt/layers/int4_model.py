@@ -143,26 +143,10 @@ def quantize_model_int4(model: nn.Module, awq_scales: Mapping[str, Tensor] | Non
 
 
 def quant_config(group: int, awq: bool, clip: bool, lm_head: bool) -> dict:
-    """What a manifest records about an INT4 build (and prepare_int4_model reads back)."""
+    """What a manifest records about an INT4 build."""
     return {"mode": MODE, "group_size": group, "awq": awq, "clip_search": clip, "scale_dtype": "float16",
             "lm_head": "int8" if lm_head else None, "tp_size": parallel.get_tp_size()}
 
 
-def prepare_int4_model(model: nn.Module, group: int = int4.GROUP_SIZE, lm_head: bool = False,
-                       config: dict | None = None) -> None:
-    """Empty INT4 parameters (and methods) so that a quantized state_dict loads strictly. The folded norms, v
-    and up rows are float tensors of unchanged shapes: the state_dict carries them. config: the build's
-    quant_config (from its manifest), kept as model.quant_config."""
-    for _, lin in decoder_linears(model):
-        int4.prepare_linear(lin, group)
-    if lm_head:
-        head = model.lm_head
-        rows, dim = head.weight.shape
-        dev = head.weight.device
-        head.weight = nn.Parameter(torch.empty(rows, dim, dtype=torch.int8, device=dev), requires_grad=False)
-        head.weight_scale = nn.Parameter(torch.empty(rows, device=dev), requires_grad=False)
-    model.quant_config = dict(config) if config else quant_config(group, False, False, lm_head)
-
-
-__all__ = ["CLIP_GRID", "MODE", "fold_awq_scales", "heads_of_kv", "prepare_int4_model", "quant_config",
+__all__ = ["CLIP_GRID", "MODE", "fold_awq_scales", "heads_of_kv", "quant_config",
            "quantize_model_int4", "search_clip"]

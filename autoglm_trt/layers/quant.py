@@ -29,12 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoglm_trt import plugins
-from autoglm_trt.config import QUANT_MODES
 from autoglm_trt.layers import fp8, parallel
 from autoglm_trt.layers.linear import LinearBase
 
 DECODER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-MODES = tuple(m for m in QUANT_MODES if m != "none")
+MODES = ("int8-wo", "w8a8", "fp8")  # this module's; "int4-awq" is layers/int4_model.py's
 ACT_QUANT = ("dynamic", "static")
 _EPS = 1e-8
 _kernels_mod = None  # plugins.int8_gemm once imported, False when triton is missing

@@ -2,7 +2,7 @@
 
 `models.loader.load_model` hands engine directories here. Nothing is re-sharded or re-quantized: the model is
 built on the meta device with the rank's parallel state, the build's quantization transform lays out its
-quantized parameters there (layers.quant.quantize_model, the same transform the build ran), and the rank's
+quantized parameters there (layers.quantize.quantize_model, the same transform the build ran), and the rank's
 tensors are copied into fresh storage one at a time, so the float weights never exist in memory.
 """
 
@@ -97,7 +97,7 @@ def load_engine_model(engine_dir: str | Path, dtype: str = "auto", device: str |
     with nullcontext() if same else parallel.parallel_state(rank, tp):
         model = build_model(cfg, torch_dtype, "meta", with_vision)
         if quant != "none":
-            from autoglm_trt.layers.quant import quantize_model
+            from autoglm_trt.layers.quantize import quantize_model
 
             quantize_model(model, quant, act_quant=act_quant, lm_head=manifest.quantization.get("lm_head") == "int8")
     materialize(model, device)

@@ -44,10 +44,11 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
 
 
 def apply_quantization(model, quant: str, calib_dir: str | None, act_quant: str = "dynamic") -> None:
-    """Quantize a freshly loaded (already sharded) model in place: "none", "int8-wo", "w8a8" or "fp8"."""
+    """Quantize a freshly loaded (already sharded) model in place: "none" or one of config.QUANT_MODES."""
     if quant == "none":
         return
-    from autoglm_trt.layers.quant import quantize_model, quantize_vision
+    from autoglm_trt.layers.quant import quantize_vision
+    from autoglm_trt.layers.quantize import quantize_model
 
     if not getattr(model, "quant_config", None):  # engine dirs come pre-quantized
         from autoglm_trt.formats.calibration import load_calibration

@@ -28,7 +28,7 @@ class Mode:
 
 
 MODES = (Mode("fp32"), Mode("int8-wo", quant="int8-wo", atol=1e-3), Mode("w8a8", quant="w8a8", atol=1e-3),
-         Mode("fp8", quant="fp8", atol=1e-3), Mode("tp2", tp=2))
+         Mode("fp8", quant="fp8", atol=1e-3), Mode("int4", quant="int4-awq", atol=1e-3), Mode("tp2", tp=2))
 
 
 def screenshot() -> Image.Image:

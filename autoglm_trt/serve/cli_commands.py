@@ -67,7 +67,7 @@ def serve_cmd(
     image_preprocess_device: str = typer.Option("auto", help="auto: resize/normalize images on the engine's GPU "
                                                 "(~1 ms, within a grey level of transformers) | cpu: transformers' exact numbers"),
     quantization: Optional[str] = typer.Option(None, "--quantization", "--quant",
-                                               help="quantize a checkpoint at load: int8-wo | w8a8 | fp8 (e4m3 "
+                                               help="quantize a checkpoint at load: int8-wo | w8a8 | int4-awq | fp8 (e4m3 "
                                                "weights + activations, Ada/Hopper; vLLM's --quantization fp8)"),
     log_requests: bool = typer.Option(False, help="log every HTTP request: route, status, time, prompt size"),
     log_format: str = typer.Option("text", help="text | json (one JSON object per line)",

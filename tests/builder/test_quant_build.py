@@ -94,3 +94,48 @@ def test_engine_report_equals_in_memory_report(build_engine_dir, tiny_model_dir,
     for name in ("calibration_set", "heldout_set", "perplexity"):
         assert got[name] == want[name], name
         assert got[name]["positions"] > 10 and got[name]["mean_kl"] > 0  # quantization moved the function
+
+
+@pytest.fixture(scope="module")
+def awq_calib_dir(tiny_model_dir, tmp_path_factory):
+    """`calibrate --awq` on two shipped samples: AWQ scales and E[x^2] beside the INT8 statistics."""
+    from autoglm_trt.calibration import CalibrateOptions, calibrate
+
+    out = tmp_path_factory.mktemp("calib-awq")
+    calibrate(tiny_model_dir, out, opts=CalibrateOptions(method="max", samples=2, max_pixels=40_000, awq=True),
+              device="cpu", show_progress=False)
+    return out
+
+
+@pytest.mark.parametrize("with_awq", [False, True])
+def test_int4_round_trip_equals_in_memory_quantization(build_engine_dir, tiny_model_dir, awq_calib_dir, with_awq):
+    """build --quant int4-awq (round-to-nearest, or AWQ from a calibration) -> load: the same logits as the
+    same transform in memory, and as LLM(quant="int4-awq") generates."""
+    from autoglm_trt.formats.calibration import load_calibration
+    from autoglm_trt.layers.quantize import quantize_model
+
+    calib = str(awq_calib_dir) if with_awq else None
+    result = build_engine_dir(f"q-int4-{with_awq}", quant="int4-awq", calib_dir=calib)
+    record = read_manifest(result.engine_dir).quantization
+    assert record["mode"] == "int4-awq" and bool(record["calibration"]) == with_awq
+    engine = load_model(result.engine_dir, dtype="float32", show_progress=False)
+    ref = load_model(tiny_model_dir, dtype="float32", show_progress=False)
+    quantize_model(ref, "int4-awq", load_calibration(calib) if calib else None)
+    assert engine.language_model.layers[1].mlp.down_proj.weight.dtype == torch.int32  # 8 nibbles a word
+    assert torch.equal(_logits(engine), _logits(ref))
+    if with_awq:
+        assert load_calibration(calib).awq_scales, "calibrate --awq wrote no AWQ scales"
+        plain = load_model(tiny_model_dir, dtype="float32", show_progress=False)
+        quantize_model(plain, "int4-awq", None)
+        assert not torch.equal(_logits(plain), _logits(ref)), "the AWQ scales changed nothing"
+
+
+def test_int4_engine_generates_the_in_memory_tokens(build_engine_dir, tiny_model_dir):
+    from autoglm_trt import LLM, SamplingParams
+
+    result = build_engine_dir("q-int4-llm", quant="int4-awq")
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    kw = dict(device="cpu", dtype="float32", num_blocks=32, max_model_len=512)
+    a = LLM(str(result.engine_dir), **kw).generate("Open the settings app", params)[0].token_ids
+    b = LLM(str(tiny_model_dir), quant="int4-awq", **kw).generate("Open the settings app", params)[0].token_ids
+    assert a == b and len(a) == 12

@@ -193,15 +193,19 @@ def test_clipping_search_lowers_the_tiny_models_error(our_model, batch) -> None:
 
 
 def test_state_dict_round_trip_gives_the_same_logits(our_model, batch, tiny_model_dir) -> None:
-    """What build -> load does: quantize, save the state_dict, load it into an empty INT4 model strictly."""
-    from autoglm_trt.models.loader import load_model
+    """What build -> load does: quantize, save the state_dict; the same transform on a meta model (what the
+    engine loader runs) lays out exactly those parameters, and the state loads into them strictly."""
+    from autoglm_trt.config import ModelConfig
+    from autoglm_trt.layers.quantize import quantize_model
+    from autoglm_trt.models.checkpoint import build_model, materialize
 
     m = copy.deepcopy(our_model)
     M.quantize_model_int4(m, random_scales(m), input_stats(our_model, batch))
-    fresh = load_model(tiny_model_dir, dtype="float32", show_progress=False)
-    M.prepare_int4_model(fresh, lm_head=True, config=m.quant_config)
+    fresh = build_model(ModelConfig.from_dir(tiny_model_dir), torch.float32, "meta")
+    quantize_model(fresh, "int4-awq", None, lm_head=True)
+    materialize(fresh, "cpu")
     fresh.load_state_dict(m.state_dict(), strict=True)
-    assert torch.equal(logits(fresh, batch), logits(m, batch)) and fresh.quant_config == m.quant_config
+    assert torch.equal(logits(fresh, batch), logits(m, batch))
     keys = set(m.state_dict())
     for name in ("weight", "weight_scale", "weight_zero"):
         assert f"language_model.layers.1.self_attn.qkv_proj.{name}" in keys
