@@ -73,7 +73,7 @@ class _EngineCollector:
                             "cache.", s.prefix_cache_queries)
         yield self._counter("autoglm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                             s.prefix_cache_hits)
-        if s.spec is not None:
+        if getattr(s, "spec", None) is not None:
             yield from self._spec_decode(s.spec)
 
     def _spec_decode(self, spec):
