@@ -199,19 +199,20 @@ def print_summary(result: dict) -> None:
         for lv in c["report"]["levels"]:
             d0, dn = lv["depths"][0], lv["depths"][-1]
             srv = [(d.get("server_ms") or {}).get("ttft") for d in (d0, dn)]
-            spec = lv.get("spec_decode") or {}
+            spec = lv.get("spec_decode")
+            accepted = f"{spec['accepted_tokens']:.0f}/{spec['draft_tokens']:.0f}" if spec else "-"
             rows.append((name, str(lv["sessions"]), _f(lv["steps_per_s"], ".2f"), _f(lv["step_p50_ms"]),
                          _f(lv["step_p99_ms"]), _f(lv["ttft_p50_ms"]), _f((lv.get("server_ms") or {}).get("ttft")),
                          f"{_f(srv[0])}/{_f(srv[1])}", f"{_f(d0['prompt_tokens_mean'])}/{_f(dn['prompt_tokens_mean'])}",
-                         _f(dn["cached_tokens_mean"]), (f"{spec['accepted_tokens']:.0f}/{spec['draft_tokens']:.0f}" if spec else "-"), _f(c["serve_ready_s"])))
+                         _f(dn["cached_tokens_mean"]), accepted, _f(c["serve_ready_s"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for r in rows:
         print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))))
     for line in missing:
         print(f"not measured: {line}")
-    print("ms throughout; srv = the server's own TTFT from /metrics (level mean; d0/dN: first and last step depth, one "
-          "session only); TTFT p50 = first text at the client (random weights: late or missing); acc/draft = draft tokens "
-          "accepted / proposed in the level")
+    print("ms throughout; srv = the server's own TTFT from /metrics (level mean; d0/dN: first and last step depth, "
+          "one session only); TTFT p50 = first text at the client (random weights: late or missing); acc/draft = "
+          "draft tokens accepted / proposed in the level")
 
 
 if __name__ == "__main__":

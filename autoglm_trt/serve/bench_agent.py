@@ -213,7 +213,8 @@ def depth_stats(records: list[StepRecord], steps: int) -> list[DepthStats]:
         server = {p: _mean([s[p] for s in servers if p in s]) for p in servers[0]} if servers else None
         out.append(DepthStats(
             depth=d, steps=len(at), failed=len(at) - len(ok),
-            prompt_tokens_mean=_mean([r.prompt_tokens for r in ok]), cached_tokens_mean=_mean([r.cached_tokens for r in ok]),
+            prompt_tokens_mean=_mean([r.prompt_tokens for r in ok]),
+            cached_tokens_mean=_mean([r.cached_tokens for r in ok]),
             output_tokens_mean=_mean([r.output_tokens for r in ok]),
             ttft_p50_ms=_pct(ttft, 50), ttft_p99_ms=_pct(ttft, 99), ttft_missing=len(ok) - len(ttft),
             step_p50_ms=_pct(step, 50), step_p99_ms=_pct(step, 99),
@@ -290,7 +291,8 @@ class _Level:
 
     def _progress(self, rec: StepRecord) -> None:
         """A line per finished step (a 9B step takes a second or more; a CPU run of the tiny model, too)."""
-        head = f"{_sessions(self.sessions)}: [{len(self.records)}/{self.total}] session {rec.session + 1} step {rec.depth + 1}"
+        head = (f"{_sessions(self.sessions)}: [{len(self.records)}/{self.total}] session {rec.session + 1} "
+                f"step {rec.depth + 1}")
         if not rec.ok:
             log(f"{head}: failed: {rec.error}")
             return

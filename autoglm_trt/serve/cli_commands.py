@@ -159,7 +159,8 @@ def bench_cmd(
     prompt_len: Optional[int] = typer.Option(None, help="text: prompt tokens per request (calibrated on the server) "
                                              "(default 467)"),
     gen_len: Optional[int] = typer.Option(None, "--gen-len", "--gen", help="tokens generated per request at most "
-                                          "(default: text 256, always with ignore_eos; agent 3000, as the phone agent asks)"),
+                                          "(default: text 256, always with ignore_eos; agent 3000, as the phone "
+                                          "agent asks)"),
     image: Optional[Path] = typer.Option(None, help="text: PNG/JPEG sent with every request"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
     num_requests: Optional[int] = typer.Option(None, help="text: requests per level (default 4 x concurrency, >= 16)"),
@@ -183,10 +184,10 @@ def bench_cmd(
     """Load-test a running server over the OpenAI streaming API: TTFT, ITL, requests/s, tokens/s (text); or
     phone-agent sessions: per step depth prompt and cached tokens, TTFT, step time, time to the action (agent)."""
     if workload == "agent":
+        text_only = {"--concurrency": concurrency, "--prompt-len": prompt_len, "--image": image,
+                     "--num-requests": num_requests, "--max-seconds": max_seconds, "--unique-images": unique_images}
         return _bench_agent(url, json_out, gen_len, model, api_key, logprobs, sessions, steps, ignore_eos,
-                            screen_size, lang, text_only={"--concurrency": concurrency, "--prompt-len": prompt_len,
-                                                          "--image": image, "--num-requests": num_requests,
-                                                          "--max-seconds": max_seconds, "--unique-images": unique_images})
+                            screen_size, lang, text_only)
     _refuse_options({"--sessions": sessions, "--steps": steps, "--ignore-eos": ignore_eos,
                      "--screen-size": screen_size, "--lang": lang}, "--workload agent")
     from autoglm_trt.serve.bench import run_bench
