@@ -304,6 +304,13 @@ class _Level:
 
 
 async def _warm_up(client: httpx.AsyncClient, target: AgentTarget) -> None:
+    try:
+        await _probe_and_step(client, target)
+    except httpx.HTTPError as exc:
+        raise UserError(f"the warm-up step failed: {type(exc).__name__}: {exc}") from None
+
+
+async def _probe_and_step(client: httpx.AsyncClient, target: AgentTarget) -> None:
     """Open-AutoGLM's readiness probe, then one untimed screenshot step (first-call costs stay out of level 1)."""
     body = {"model": target.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
     resp = await client.post(f"{target.base_url}/v1/chat/completions", headers=target.headers, json=body)
