@@ -293,7 +293,7 @@ def normalize_url(url: str) -> str:
     return url[:-3] if url.endswith("/v1") else url
 
 
-async def _resolve_model(client: httpx.AsyncClient, base_url: str, headers: dict) -> str:
+async def resolve_model(client: httpx.AsyncClient, base_url: str, headers: dict) -> str:
     try:
         resp = await client.get(f"{base_url}/v1/models", headers=headers)
     except httpx.HTTPError as exc:
@@ -311,7 +311,7 @@ async def bench(url: str, concurrencies: list[int], prompt_len: int, gen_len: in
     base = normalize_url(url)
     async with new_client(4) as client:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        model = model or await _resolve_model(client, base, headers)
+        model = model or await resolve_model(client, base, headers)
         target = BenchTarget(base, model, api_key, gen_len, image_data_url(image) if image else None, logprobs)
         sizes = [num_requests if num_requests is not None else max(4 * c, 16) for c in concurrencies]
         if image is not None and unique_images:  # two calibration requests, then every level's

@@ -49,16 +49,43 @@ def parse_totals(text: str) -> Totals:
     return {name: (sums[name], counts[name]) for name in sums.keys() & counts.keys()}
 
 
-async def scrape(client: httpx.AsyncClient, base_url: str, headers: dict) -> tuple[Totals | None, str | None]:
-    """(the server's histogram totals, None), or (None, why not) when its /metrics can't be read."""
+def parse_counters(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The counters `names` of a Prometheus text page (a `_total` suffix allowed), summed over label sets;
+    counters the page lacks are left out."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m is None:
+            continue
+        name = m.group(1).removesuffix("_total")
+        if name in names:
+            try:
+                out[name] = out.get(name, 0.0) + float(m.group(2))
+            except ValueError:
+                continue
+    return out
+
+
+async def scrape_text(client: httpx.AsyncClient, base_url: str, headers: dict) -> tuple[str | None, str | None]:
+    """(the server's /metrics page, None), or (None, why not)."""
     try:
         resp = await client.get(f"{base_url}/metrics", headers=headers, timeout=10.0)
     except httpx.HTTPError as exc:
         return None, f"{base_url}/metrics: {type(exc).__name__}: {exc}"
     if resp.status_code != 200:
         return None, f"{base_url}/metrics answered HTTP {resp.status_code}"
-    totals = parse_totals(resp.text)
+    return resp.text, None
+
+
+def totals_of(text: str | None, base_url: str) -> tuple[Totals | None, str | None]:
+    totals = parse_totals(text) if text is not None else None
     return (totals, None) if totals else (None, f"{base_url}/metrics has no latency histograms we know")
+
+
+async def scrape(client: httpx.AsyncClient, base_url: str, headers: dict) -> tuple[Totals | None, str | None]:
+    """(the server's histogram totals, None), or (None, why not) when its /metrics can't be read."""
+    text, why = await scrape_text(client, base_url, headers)
+    return (None, why) if text is None else totals_of(text, base_url)
 
 
 def phase_means_ms(before: Totals | None, after: Totals | None) -> dict[str, float] | None:

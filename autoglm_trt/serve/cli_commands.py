@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from autoglm_trt.errors import UserError
+from autoglm_trt.serve.agent_prompts import LANGS  # NOTE: constants only (the CLI must start fast)
 from autoglm_trt.utils.choices import choice, device_choice, dtype_choice
 
 LOG_FORMATS = ("text", "json")
@@ -145,29 +146,85 @@ def _engine_args(o: dict):
                       speculative=asdict(spec) if spec.enabled else None)
 
 
+WORKLOADS = ("text", "agent")
+
+
 def bench_cmd(
     url: str = typer.Argument(..., help="server base URL, e.g. http://localhost:8000"),
-    concurrency: str = typer.Option("1,8,32,128", help="comma-separated numbers of concurrent clients"),
-    prompt_len: int = typer.Option(467, help="prompt tokens per request (calibrated on the server)"),
-    gen_len: int = typer.Option(256, help="tokens generated per request (ignore_eos)"),
-    image: Optional[Path] = typer.Option(None, help="PNG/JPEG sent with every request"),
+    workload: str = typer.Option("text", help="text: independent prompts at fixed concurrency | agent: Open-AutoGLM-"
+                                 "shaped phone-agent sessions (system prompt, text history, a new screenshot a step)",
+                                 callback=choice("--workload", WORKLOADS)),
+    concurrency: Optional[str] = typer.Option(None, help="text: comma-separated numbers of concurrent clients "
+                                              "(default 1,8,32,128)"),
+    prompt_len: Optional[int] = typer.Option(None, help="text: prompt tokens per request (calibrated on the server) "
+                                             "(default 467)"),
+    gen_len: Optional[int] = typer.Option(None, "--gen-len", "--gen", help="tokens generated per request at most "
+                                          "(default: text 256, always with ignore_eos; agent 3000, as the phone "
+                                          "agent asks)"),
+    image: Optional[Path] = typer.Option(None, help="text: PNG/JPEG sent with every request"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
-    num_requests: Optional[int] = typer.Option(None, help="requests per level (default 4 x concurrency, >= 16)"),
-    max_seconds: float = typer.Option(120.0, help="time limit per level"),
+    num_requests: Optional[int] = typer.Option(None, help="text: requests per level (default 4 x concurrency, >= 16)"),
+    max_seconds: Optional[float] = typer.Option(None, help="text: time limit per level (default 120)"),
     model: Optional[str] = typer.Option(None, help="model name (default: the server's)"),
     api_key: Optional[str] = typer.Option(None, envvar="AUTOGLM_API_KEY"),
     logprobs: bool = typer.Option(False, help="time every token via logprobs: use it with random-weight checkpoints, whose "
-                                  "tokens mostly decode to no text"),
-    unique_images: bool = typer.Option(False, help="send every request its own copy of --image (a few pixels "
+                                  "tokens mostly decode to no text (it turns off the engine's multi-step windows and "
+                                  "speculation for those requests)"),
+    unique_images: bool = typer.Option(False, help="text: send every request its own copy of --image (a few pixels "
                                        "differ), so no request hits the image or prefix caches"),
+    sessions: Optional[str] = typer.Option(None, help="agent: comma-separated numbers of concurrent sessions, one "
+                                           "level each (default 1,8)"),
+    steps: Optional[int] = typer.Option(None, help="agent: steps per session (default 6)"),
+    ignore_eos: bool = typer.Option(False, help="agent: generate --gen tokens even past the end (random weights); "
+                                    "text requests always do"),
+    screen_size: Optional[str] = typer.Option(None, help="agent: screenshot WIDTHxHEIGHT (default 1080x2400)"),
+    lang: Optional[str] = typer.Option(None, help="agent: the system prompt's language, en (~2.4k characters) | zh "
+                                       "(~3.4k) (default en)", callback=choice("--lang", LANGS)),
 ) -> None:
-    """Load-test a running server over the OpenAI streaming API: TTFT, ITL, requests/s, tokens/s."""
+    """Load-test a running server over the OpenAI streaming API: TTFT, ITL, requests/s, tokens/s (text); or
+    phone-agent sessions: per step depth prompt and cached tokens, TTFT, step time, time to the action (agent)."""
+    if workload == "agent":
+        text_only = {"--concurrency": concurrency, "--prompt-len": prompt_len, "--image": image,
+                     "--num-requests": num_requests, "--max-seconds": max_seconds, "--unique-images": unique_images}
+        return _bench_agent(url, json_out, gen_len, model, api_key, logprobs, sessions, steps, ignore_eos,
+                            screen_size, lang, text_only)
+    _refuse_options({"--sessions": sessions, "--steps": steps, "--ignore-eos": ignore_eos,
+                     "--screen-size": screen_size, "--lang": lang}, "--workload agent")
     from autoglm_trt.serve.bench import run_bench
 
     try:
-        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+        levels = [int(c) for c in (concurrency or "1,8,32,128").split(",") if c.strip()]
     except ValueError:
         raise UserError(f"--concurrency must be comma-separated integers, got {concurrency!r}") from None
-    run_bench(url, levels, prompt_len, gen_len, image, json_out, num_requests=num_requests,
-              max_seconds=max_seconds, model=model, api_key=api_key, logprobs=logprobs,
+    run_bench(url, levels, prompt_len or 467, gen_len or 256, image, json_out, num_requests=num_requests,
+              max_seconds=max_seconds or 120.0, model=model, api_key=api_key, logprobs=logprobs,
               unique_images=unique_images)
+
+
+def _refuse_options(given: dict, workload: str) -> None:
+    """An option of the other workload is a mistake worth one clear line, not a silent no-op."""
+    for flag, value in given.items():
+        if value not in (None, False):
+            raise UserError(f"{flag} is an option of {workload}")
+
+
+def _bench_agent(url: str, json_out: Optional[Path], gen: Optional[int], model: Optional[str],
+                 api_key: Optional[str], logprobs: bool, sessions: Optional[str], steps: Optional[int],
+                 ignore_eos: bool, screen_size: Optional[str], lang: Optional[str], text_only: dict) -> None:
+    _refuse_options(text_only, "--workload text")
+    from autoglm_trt.serve.agent_session import parse_screen_size
+    from autoglm_trt.serve.bench_agent import AGENT_MAX_TOKENS, AgentOptions
+    from autoglm_trt.serve.bench_agent_report import run_agent_bench
+
+    try:
+        levels = [int(n) for n in (sessions or "1,8").split(",") if n.strip()]
+    except ValueError:
+        raise UserError(f"--sessions must be comma-separated integers, got {sessions!r}") from None
+    try:
+        size = parse_screen_size(screen_size or "1080x2400")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    opts = AgentOptions(levels, steps if steps is not None else 6, max_tokens=gen or AGENT_MAX_TOKENS,
+                        ignore_eos=ignore_eos, screen_size=size, lang=lang or "en", logprobs=logprobs, model=model,
+                        api_key=api_key)
+    run_agent_bench(url, opts, json_out)
