@@ -44,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--screen-size", default="1080x2400")
     p.add_argument("--lang", default="en")
     p.add_argument("--budget-s", type=float, default=540.0, help="skip what would not end within this time")
+    p.add_argument("--old-tree", default=None, help="also serve each quant mode from this copy of an earlier commit's "
+                   "autoglm_trt/ (speculation off: before and after side by side; the bench client is this tree's)")
     p.add_argument("--serve-args", default="--max-num-seqs 16 --max-model-len 25480 --max-pixels 5000000",
                    help="more `serve` options (Open-AutoGLM's max-model-len and max_pixels; 16 sequences "
                         "keep the CUDA-graph capture short)")
@@ -88,17 +90,19 @@ def ensure_checkpoint(args: argparse.Namespace) -> float | None:
 class Server:
     """`autoglm-trt serve` as a subprocess, its output appended to serve.log; ready when /health says 200."""
 
-    def __init__(self, args: argparse.Namespace, quant: str, spec: str, log_path: Path) -> None:
+    def __init__(self, args: argparse.Namespace, quant: str, spec: str, log_path: Path, tree: str | None = None) -> None:
         self.port = free_port()
         cmd = [*CLI, "serve", args.model, "--device", args.device, "--host", "127.0.0.1", "--port", str(self.port),
-               "--grpc-port", "-1", *args.serve_args.split(), "--speculative", spec]
+               "--grpc-port", "-1", *args.serve_args.split()] + (["--speculative", spec] if tree is None else [])
         if quant != "bf16":
             cmd += ["--quantization", quant]
         self.log = open(log_path, "a")
-        self.log.write(f"\n===== {quant} speculative {spec}: {' '.join(cmd)}\n")
+        self.log.write(f"\n===== {tree or 'this tree'}: {quant} speculative {spec}: {' '.join(cmd)}\n")
         self.log.flush()
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
+        cwd = Path(tree).resolve() if tree else REPO  # NOTE: the old tree's package, found first from its own root
+        env = dict(os.environ, PYTHONPATH=f"{cwd}:{os.environ.get('PYTHONPATH', '')}")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
 
     @property
     def url(self) -> str:
@@ -127,14 +131,15 @@ class Server:
         self.log.close()
 
 
-def run_config(args: argparse.Namespace, out: Path, quant: str, spec: str, time_left: float) -> dict:
+def run_config(args: argparse.Namespace, out: Path, quant: str, spec: str, time_left: float,
+               tree: str | None = None) -> dict:
     """One server and its bench; the entry of the combined JSON."""
-    entry: dict = {"quant": quant, "speculative": spec}
+    entry: dict = {"quant": quant, "speculative": spec, "tree": tree or "this"}
     t0 = time.monotonic()
-    server = Server(args, quant, spec, out / "serve.log")
+    server = Server(args, quant, spec, out / "serve.log", tree)
     try:
         entry["serve_ready_s"] = round(server.wait_ready(min(300.0, time_left)), 1)
-        report_path = out / f".agent_{quant}_{spec}.json"
+        report_path = out / f".agent_{quant}_{spec}_{'old' if tree else 'new'}.json"
         cmd = [*CLI, "bench", server.url, "--workload", "agent", "--sessions", args.sessions, "--steps",
                str(args.steps), "--gen", str(args.gen), "--ignore-eos", "--screen-size", args.screen_size, "--lang",
                args.lang, "--json", str(report_path)]
@@ -164,18 +169,20 @@ def main() -> None:
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "model": args.model}
     result["init_random_s"] = ensure_checkpoint(args)
     result["configs"], estimate = [], 120.0  # NOTE: the first configuration's guess; later ones use the last measured
-    for quant in args.quants.split(","):
-        for spec in args.spec.split(","):
-            left = args.budget_s - (time.monotonic() - start)
-            if left < estimate:
-                result["configs"].append({"quant": quant, "speculative": spec,
-                                          "skipped": f"{left:.0f} s left of --budget-s, ~{estimate:.0f} s needed"})
-                continue
-            print(f"[{time.monotonic() - start:5.0f} s] {quant}, speculative {spec}", flush=True)
-            entry = run_config(args, out, quant, spec, left)
-            estimate = max(estimate if "report" not in entry else 0.0, entry["wall_s"] + 5)
-            result["configs"].append(entry)
-            (out / "agent_gpu.json").write_text(json.dumps(result, indent=1))  # NOTE: what ran, even if cut later
+    plan = [(q, s, None) for q in args.quants.split(",") for s in args.spec.split(",")]
+    if args.old_tree:  # NOTE: each mode's old run right after its new ones
+        plan = [p for q in args.quants.split(",") for p in [x for x in plan if x[0] == q] + [(q, "off", args.old_tree)]]
+    for quant, spec, tree in plan:
+        left = args.budget_s - (time.monotonic() - start)
+        if left < estimate:
+            result["configs"].append({"quant": quant, "speculative": spec, "tree": tree or "this",
+                                      "skipped": f"{left:.0f} s left of --budget-s, ~{estimate:.0f} s needed"})
+            continue
+        print(f"[{time.monotonic() - start:5.0f} s] {tree or 'this tree'}: {quant}, speculative {spec}", flush=True)
+        entry = run_config(args, out, quant, spec, left, tree)
+        estimate = max(estimate if "report" not in entry else 0.0, entry["wall_s"] + 5)
+        result["configs"].append(entry)
+        (out / "agent_gpu.json").write_text(json.dumps(result, indent=1))  # NOTE: what ran, even if cut later
     result["total_s"] = round(time.monotonic() - start, 1)
     (out / "agent_gpu.json").write_text(json.dumps(result, indent=1))
     print_summary(result)
@@ -192,7 +199,7 @@ def print_summary(result: dict) -> None:
             "prompt d0/dN", "cached dN", "acc/draft", "ready s")
     rows, missing = [head], []
     for c in result["configs"]:
-        name = f"{c['quant']}+{c['speculative']}"
+        name = f"{'old ' if c.get('tree', 'this') != 'this' else ''}{c['quant']}+{c['speculative']}"
         if "report" not in c:
             missing.append(f"{name}: {c.get('skipped') or c.get('error') or 'bench rc ' + str(c.get('bench_rc'))}")
             continue
