@@ -17,7 +17,8 @@ from autoglm_trt.layers.context import AttentionContext, get_context
 SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                   SDPBackend.MATH]
 # cuDNN builds (and caches) one execution plan per shape, and a build costs tens of ms: a new prompt length each
-# request put that on every first token over HTTP. So only whole prompts of DENSE_MIN_TOKENS or more go dense
+# request put that on every first token over HTTP. So only steps of one sequence with DENSE_MIN_TOKENS or more new
+# tokens (a whole prompt, or its rest after a cached prefix or an earlier chunk) go dense
 # (below, attention is a small share of the prefill), padded up to a multiple of DENSE_BUCKET (the padding sits
 # after every real token, so causal masking keeps it out of the real rows): a few plans serve every length.
 DENSE_MIN_TOKENS = 1024
@@ -55,16 +56,25 @@ class PagedAttention(nn.Module):
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         if ctx.is_decode:
             return plugins.decode_attention(q, k_cache, v_cache, ctx.seq_lens, ctx.block_tables, self.scale)
-        if is_whole_prompt(ctx):
-            return self._dense_prefill(q, k_cache, v_cache, ctx.block_tables[0])
+        if is_long_single_prefill(ctx):
+            return self._dense_prefill(q, k_cache, v_cache, ctx.block_tables[0], ctx.max_seqlen_k)
         return plugins.paged_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables,
                                        ctx.max_seqlen_q, ctx.max_seqlen_k, self.scale)
 
     def _dense_prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       table: torch.Tensor) -> torch.Tensor:
-        """Causal GQA attention of one whole prompt q [T, H, D] over its K/V (just stored) -> [T, H, D]."""
-        t = q.shape[0]
-        return dense_causal(q, gather_kv(k_cache, table, t), gather_kv(v_cache, table, t), self.scale)
+                       table: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Causal GQA attention of one prompt's last q [S, H, D] over its first kv_len tokens' K/V (the S new
+        ones just stored, after a cached prefix or an earlier chunk) -> [S, H, D].
+
+        NOTE: the queries are left-padded with kv_len - S zero rows, so the attention is square and causal
+        (cuDNN's fast path and its per-length plans, warmed at start-up) and the new rows sit where causality
+        puts them; the pad rows cost (kv_len - S)^2 / 2 scores, a fraction of what they save over the paged
+        kernel (an agent step: a 2k-token cached history before a 3.3k-token screenshot and turn)."""
+        s = q.shape[0]
+        pad = kv_len - s
+        qf = q if pad == 0 else torch.cat((q.new_zeros(pad, *q.shape[1:]), q))  # [kv_len, H, D]
+        out = dense_causal(qf, gather_kv(k_cache, table, kv_len), gather_kv(v_cache, table, kv_len), self.scale)
+        return out[pad:]
 
 
 def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -95,10 +105,10 @@ def warm_dense_plans(attn: PagedAttention, max_tokens: int, device: torch.device
     return len(lengths)
 
 
-def is_whole_prompt(ctx: AttentionContext) -> bool:
-    """One sequence of DENSE_MIN_TOKENS or more whose every cached token is computed in this step (no prefix-cache
-    hit, no earlier chunk)."""
-    return ctx.seq_lens.shape[0] == 1 and ctx.max_seqlen_q == ctx.max_seqlen_k >= DENSE_MIN_TOKENS
+def is_long_single_prefill(ctx: AttentionContext) -> bool:
+    """One sequence computing DENSE_MIN_TOKENS or more new tokens in this step: a whole prompt, or its rest
+    after a prefix-cache hit or an earlier chunk."""
+    return ctx.seq_lens.shape[0] == 1 and ctx.max_seqlen_q >= DENSE_MIN_TOKENS
 
 
 def gather_kv(cache: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:

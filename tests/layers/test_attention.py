@@ -1,5 +1,6 @@
-"""PagedAttention.attend_cached: a whole prompt goes through SDPA on K/V gathered back from the paged
-cache, everything else through plugins.paged_attention; both give the same attention."""
+"""PagedAttention.attend_cached: one sequence with many new tokens (a whole prompt, or its rest after a cached
+prefix or an earlier chunk) goes through SDPA on K/V gathered back from the paged cache, everything else through
+plugins.paged_attention; both give the same attention."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from autoglm_trt import plugins
 from autoglm_trt.layers import attention as A
-from autoglm_trt.layers.attention import PagedAttention, gather_kv, is_whole_prompt
+from autoglm_trt.layers.attention import PagedAttention, gather_kv, is_long_single_prefill
 from autoglm_trt.layers.context import AttentionContext, reset_context, set_context
 
 
@@ -62,7 +63,7 @@ def small_dense(monkeypatch):
 @pytest.mark.parametrize("t", [8, 17, 64, 80])
 def test_whole_prompt_through_sdpa_equals_the_paged_kernel(t, small_dense):
     q, ctx, attn = _setup(t, 0, "cpu", torch.float32)
-    assert is_whole_prompt(ctx)
+    assert is_long_single_prefill(ctx)
     got, want = _attend(q, ctx, attn), _paged(q, ctx, attn)
     assert got.shape == q.shape
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -70,26 +71,33 @@ def test_whole_prompt_through_sdpa_equals_the_paged_kernel(t, small_dense):
 
 def test_short_prompts_keep_the_paged_kernel(small_dense, monkeypatch):
     q, ctx, attn = _setup(7, 0, "cpu", torch.float32)
-    assert not is_whole_prompt(ctx)
+    assert not is_long_single_prefill(ctx)
     monkeypatch.setattr(PagedAttention, "_dense_prefill", lambda *a: pytest.fail("dense path taken"))
     torch.testing.assert_close(_attend(q, ctx, attn), _paged(q, ctx, attn))
 
 
-def test_prefix_hits_and_batches_keep_the_paged_kernel(small_dense, monkeypatch):
-    q, ctx, attn = _setup(9, 20, "cpu", torch.float32)  # 20 tokens came from the prefix cache
-    assert not is_whole_prompt(ctx)
-    monkeypatch.setattr(PagedAttention, "_dense_prefill", lambda *a: pytest.fail("dense path taken"))
-    torch.testing.assert_close(_attend(q, ctx, attn), _paged(q, ctx, attn))
+@pytest.mark.parametrize("t, cached", [(9, 20), (40, 7), (33, 64)])
+def test_rest_after_a_prefix_hit_through_sdpa_equals_the_paged_kernel(t, cached, small_dense):
+    """An agent step: its history came from the prefix cache (or an earlier chunk), its new tokens go dense."""
+    q, ctx, attn = _setup(t, cached, "cpu", torch.float32)
+    assert is_long_single_prefill(ctx)
+    got, want = _attend(q, ctx, attn), _paged(q, ctx, attn)
+    assert got.shape == q.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_batches_keep_the_paged_kernel(small_dense, monkeypatch):
+    q, ctx, attn = _setup(9, 20, "cpu", torch.float32)
     two = AttentionContext(ctx.slot_mapping, torch.tensor([0, 4, 9], dtype=torch.int32),
-                           torch.tensor([4, 5], dtype=torch.int32), ctx.block_tables.expand(2, -1), 5, 5, False)
-    assert not is_whole_prompt(two)
+                           torch.tensor([24, 5], dtype=torch.int32), ctx.block_tables.expand(2, -1), 5, 24, False)
+    assert not is_long_single_prefill(two)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t", [1024, 3814])
-def test_gpu_whole_prompt_matches_the_triton_kernel_at_9b_heads(t):
-    q, ctx, attn = _setup(t, 0, "cuda", torch.bfloat16, heads=32, kv_heads=2, dim=128)
-    assert is_whole_prompt(ctx)
+@pytest.mark.parametrize("t, cached", [(1024, 0), (3814, 0), (3300, 2048)])
+def test_gpu_whole_prompt_matches_the_triton_kernel_at_9b_heads(t, cached):
+    q, ctx, attn = _setup(t, cached, "cuda", torch.bfloat16, heads=32, kv_heads=2, dim=128)
+    assert is_long_single_prefill(ctx)
     got, want = _attend(q, ctx, attn), _paged(q, ctx, attn)
     assert float((got.float() - want.float()).abs().max()) < 2e-2
 
