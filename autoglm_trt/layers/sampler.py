@@ -155,7 +155,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
 
 def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
     """Sample one token per row: argmax(probs / q), q ~ Exp(1); seeded rows draw q themselves."""
-    q = torch.empty_like(probs).exponential_()  # [B, V]
+    q = torch.empty_like(probs)  # [B, V]
+    if len(generators) < probs.shape[0]:  # NOTE: the rows without a seed share the global generator
+        q.exponential_()
     for row, gen in generators.items():
         q[row].exponential_(generator=gen)
     return probs.div(q.clamp_min_(1e-20)).argmax(-1)  # [B]
