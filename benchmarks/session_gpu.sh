@@ -2,7 +2,7 @@
 # One lent-GPU call that does several measurements in order, each under its own time limit, writing logs and JSON
 # to OUT_DIR (what finished comes back even when a later part runs out of time).
 #   benchmarks/session_gpu.sh OUT_DIR PART[,PART...]
-# Parts:
+# Parts (run in this order, tests last):
 #   tests       the GPU-marked tests of the engine, the INT4 kernels and the grammar bitmask kernel
 #   decode      bench_decode.py, bf16, batch 1 and 64, this tree                       -> decode_new.json
 #   decode_old  the same from OLD_TREE (a copy of an earlier commit's autoglm_trt/ and benchmarks/,
@@ -24,11 +24,6 @@ python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
 if has decode || has decode_old || has int4 || has int8 || has fp8 || has verify || has agent; then
   say "init-random phone-9b"
   timeout 150 python -m autoglm_trt.cli init-random /tmp/phone-9b --preset phone-9b --device cuda >/dev/null
-fi
-if has tests; then
-  say "GPU tests"
-  timeout "${TESTS_S:-150}" python -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/plugins/test_int4_gemm.py \
-    tests/plugins/test_bitmask.py 2>&1 | tail -25 | tee "$out/gpu_tests.log"
 fi
 decode() {  # name, extra args...
   local name=$1; shift
@@ -58,5 +53,10 @@ if has agent; then
   say "agent_gpu"
   timeout "${AGENT_S:-300}" python benchmarks/agent_gpu.py --out "$out" --quants "${AGENT_QUANTS:-fp8}" \
     --spec "${AGENT_SPEC:-off,ngram}" ${AGENT_OLD:+--old-tree "$old"} --budget-s "$(( ${AGENT_S:-300} - 15 ))" 2>&1 | tail -25
+fi
+if has tests; then
+  say "GPU tests"
+  timeout "${TESTS_S:-150}" python -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/plugins/test_int4_gemm.py \
+    tests/plugins/test_bitmask.py 2>&1 | tail -25 | tee "$out/gpu_tests.log"
 fi
 say "done"
