@@ -15,6 +15,7 @@ import json
 import time
 
 import torch
+from bench_decode import _time_ms  # NOTE: benchmarks/ is on sys.path when a script there runs
 
 from autoglm_trt.engine.batch import StepBatch, slots_for
 from autoglm_trt.engine.llm import LLM
@@ -55,20 +56,6 @@ def step_batch(seqs: list, q: int, block_size: int) -> StepBatch:
     return StepBatch(ids, torch.cat(pos, dim=1), slots, cu, lens, [s.block_table for s in seqs], rows, [], q == 1)
 
 
-def time_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", default="/tmp/phone-9b")
@@ -90,7 +77,7 @@ def main() -> None:
         row = res["ms"][batch] = {}
         for q in (int(x) for x in args.queries.split(",")):
             b = step_batch(seqs, q, bs)
-            row[q] = time_ms(lambda: runner.forward_logits(b).argmax(-1), args.iters)
+            row[q] = _time_ms(lambda: runner.forward_logits(b).argmax(-1), args.iters)
         base = row[1]
         print(f"batch {batch}: " + "  ".join(f"q={q}: {ms:.2f} ms ({ms / base:.2f}x)" for q, ms in row.items()))
         for s in seqs:

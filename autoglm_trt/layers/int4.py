@@ -17,8 +17,6 @@ then an fp32 matmul), the oracle of the kernels' tests.
 
 from __future__ import annotations
 
-import importlib
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +30,6 @@ PACK = 8  # 4-bit values per int32 word
 QMAX = 15
 SCALE_DTYPE = torch.float16
 _SHIFTS = torch.arange(PACK, dtype=torch.int32) * 4  # [8] bit offset of nibble i
-_kernels_mod = None  # plugins.int4_gemm once imported, False when triton is missing
 
 
 def num_groups(k: int, group: int) -> int:
@@ -139,16 +136,7 @@ def quant_error(w: Tensor, group: int = GROUP_SIZE, clip: Tensor | None = None,
 # ---- the linear method -------------------------------------------------------------------------------
 def _kernels(t: Tensor):
     """plugins.int4_gemm for CUDA tensors (lazy import), None for the CPU reference."""
-    global _kernels_mod
-    if not t.is_cuda or plugins.triton_disabled():
-        return None
-    if _kernels_mod is None:
-        try:
-            _kernels_mod = importlib.import_module("autoglm_trt.plugins.int4_gemm")
-        except ImportError as exc:  # NOTE: CUDA torch without triton: correct, just slower
-            warnings.warn(f"INT4 Triton kernels unavailable ({exc}); using the torch reference", stacklevel=2)
-            _kernels_mod = False
-    return _kernels_mod or None
+    return plugins.kernels_for("int4_gemm", t)
 
 
 def w4a16(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group: int, bias: Tensor | None = None) -> Tensor:

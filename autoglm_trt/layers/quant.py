@@ -20,8 +20,6 @@ The CPU references below (dequantize, then matmul in fp32) run on the CPU and ar
 
 from __future__ import annotations
 
-import importlib
-import warnings
 from collections.abc import Mapping
 
 import torch
@@ -36,7 +34,6 @@ DECODER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
 MODES = ("int8-wo", "w8a8", "fp8")  # this module's; "int4-awq" is layers/int4_model.py's
 ACT_QUANT = ("dynamic", "static")
 _EPS = 1e-8
-_kernels_mod = None  # plugins.int8_gemm once imported, False when triton is missing
 
 
 # ---- names --------------------------------------------------------------------------------------
@@ -103,16 +100,7 @@ def w8a8_reference(xq: Tensor, x_scale: Tensor, q: Tensor, w_scale: Tensor, bias
 
 def _kernels(t: Tensor):
     """plugins.int8_gemm for CUDA tensors (lazy import), None for the CPU references."""
-    global _kernels_mod
-    if not t.is_cuda or plugins.triton_disabled():
-        return None
-    if _kernels_mod is None:
-        try:
-            _kernels_mod = importlib.import_module("autoglm_trt.plugins.int8_gemm")
-        except ImportError as exc:  # NOTE: CUDA torch without triton: correct, just slower
-            warnings.warn(f"INT8 Triton kernels unavailable ({exc}); using the torch references", stacklevel=2)
-            _kernels_mod = False
-    return _kernels_mod or None
+    return plugins.kernels_for("int8_gemm", t)
 
 
 # ---- quant methods (LinearBase.quant_method) ----------------------------------------------------------

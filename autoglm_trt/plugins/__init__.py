@@ -37,6 +37,12 @@ def _load(name: str) -> ModuleType | None:
     return _modules[name]
 
 
+def kernels_for(name: str, t: Tensor) -> ModuleType | None:
+    """plugins.<name> for a CUDA tensor (imported once), None on the CPU or without triton: the caller then
+    runs its torch reference."""
+    return _load(name) if t.is_cuda and not triton_disabled() else None
+
+
 def _impl(name: str, t: Tensor) -> ModuleType:
     if t.is_cuda and not triton_disabled():
         mod = _load(name)
