@@ -54,11 +54,11 @@ class ModelRunner:
         self.encoder_cache = EncoderCache(max_rows=4 * cfg.scheduler.max_num_batched_tokens + 16384)
         heads = model.language_model.layers[0].self_attn.num_kv_heads
         self.spec = kvc.spec_for(model_cfg, cfg.cache, heads, self.dtype)
+        self.steps = cfg.scheduler.num_decode_steps or 1  # resolved by the engine (8 on a GPU by default)
         self.num_blocks = min_over_tp_ranks(self._size_cache())  # TP: every rank holds the same blocks
         self.kv_caches = kvc.allocate_kv_cache(self.spec, self.num_blocks, device)
         self.sampler = Sampler()
         self.graphs = None
-        self.steps = cfg.scheduler.num_decode_steps or 1  # resolved by the engine (8 on a GPU by default)
         if (device.type == "cuda" and not cfg.enforce_eager) or self.steps > 1:
             self._make_graphs()
         if device.type == "cuda":
