@@ -29,7 +29,7 @@ decode() {  # name, extra args...
   local name=$1; shift
   say "bench_decode $name"
   timeout "${DECODE_S:-150}" python benchmarks/bench_decode.py --model-dir /tmp/phone-9b --hf-batch-sizes '' \
-    --json "$out/decode_$name.json" "$@" 2>&1 | grep -v "^ " | tail -12
+    --json "$out/decode_$name.json" "$@" 2>&1 | grep -v "━" | tail -40
 }
 has decode && decode new --batch-sizes 1,64
 if has decode_old; then
