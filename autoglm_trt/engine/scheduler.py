@@ -184,7 +184,7 @@ class Scheduler:
     def schedule_continuation(self, out: SchedulerOutput, produced: list[list[int]]) -> SchedulerOutput | None:
         """The next window of `out`'s rows, planned from the tokens `out` produced before they are applied
         (update(out, produced) comes after): None when a row stops within them, a request waits, or no room."""
-        if out.num_steps < 2 or self.waiting:
+        if out.num_steps < 2 or self.waiting or self._speculation_wanted(out):
             return None
         for sch, tokens in zip(out.scheduled, produced):
             if (sch.seq.status is not SequenceStatus.RUNNING or len(tokens) < out.num_steps
@@ -341,6 +341,12 @@ class Scheduler:
                 budget -= len(draft)
         out.count()
         return out.has_drafts
+
+    def _speculation_wanted(self, out: SchedulerOutput) -> bool:
+        """A window's rows that might gain from speculating leave it for a step that can (schedule())."""
+        p = self.proposer
+        return (p is not None and len(out.scheduled) <= p.cfg.max_batch_size
+                and any(p.wants(s.seq) for s in out.scheduled if s.seq.grammar is None))
 
     def _window_eligible(self, out: SchedulerOutput) -> bool:
         """A decode batch whose rows all take the device's greedy path (the multi-step buffers)."""

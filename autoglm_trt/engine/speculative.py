@@ -81,12 +81,24 @@ class SuffixCache:
         return []
 
 
+TRIAL_VERIFICATIONS = 4  # a row's verifications before its acceptance decides whether it keeps speculating
+PROBE_EVERY = 8  # a row whose drafts do not pay proposes again only every this many steps
+
+
 @dataclass
 class _RowState:
     index: NgramIndex
     k: int  # drafts to ask for next time
     proposed: int = 0
     accepted: int = 0
+    verifications: int = 0
+    since_probe: int = 0
+
+    @property
+    def pays(self) -> bool:
+        """Tried a few times and gained less than one token a verification: speculation costs it time (a
+        verification is an eager step, ~2.5x a decode step's graph on an H100), so it mostly stays off."""
+        return self.verifications < TRIAL_VERIFICATIONS or self.accepted >= self.verifications
 
 
 @dataclass
@@ -114,7 +126,7 @@ class Proposer:
             row = self.rows[seq.request_id] = _RowState(
                 NgramIndex(self.cfg.prompt_lookup_min, self.cfg.prompt_lookup_max), self.cfg.num_speculative_tokens)
         k = min(row.k, room)
-        if k < 1:
+        if k < 1 or not self._probe(row):
             return []
         tokens = seq.token_ids
         row.index.extend(tokens, len(tokens) - 1)  # NOTE: the last n-gram is the query, not a match
@@ -122,6 +134,18 @@ class Proposer:
         if not draft and self.suffix is not None:
             draft = self.suffix.continuation(tokens, k)
         return draft
+
+    @staticmethod
+    def _probe(row: _RowState) -> bool:
+        if row.pays:
+            return True
+        row.since_probe = (row.since_probe + 1) % PROBE_EVERY
+        return row.since_probe == 0
+
+    def wants(self, seq: Sequence) -> bool:
+        """Whether seq should leave a multi-step window for a step that can speculate."""
+        row = self.rows.get(seq.request_id)
+        return row is None or row.pays
 
     def record(self, seq: Sequence, proposed: int, accepted: int) -> None:
         """One verification of `proposed` drafts, `accepted` of which greedy decoding confirmed."""
@@ -135,6 +159,7 @@ class Proposer:
         if row is not None:
             row.proposed += proposed
             row.accepted += accepted
+            row.verifications += 1
             # NOTE: all accepted: ask for more next time; else a little more than what was accepted
             row.k = min(self.cfg.num_speculative_tokens, 2 * row.k if accepted == proposed else accepted + 2)
 

@@ -153,3 +153,21 @@ def test_preemption_keeps_the_tokens(plain, tiny_model_dir):
     assert [x.token_ids for x in b] == [x.token_ids for x in a]
     assert preempted and small.engine.get_stats().spec.num_draft_tokens > 0
     _free(small)
+
+
+def test_rows_whose_drafts_do_not_pay_mostly_stop_speculating():
+    p = Proposer(SpeculativeConfig(method="ngram", num_speculative_tokens=4))
+    seq = type("S", (), {"request_id": "r", "token_ids": [1, 2, 1, 2, 1], "finish_reason": None,
+                         "output_token_ids": []})()
+    assert p.wants(seq) and p.propose(seq, 8)
+    for _ in range(4):
+        p.record(seq, 2, 0)  # four verifications, nothing accepted
+    assert not p.wants(seq)
+    drafts = [p.propose(seq, 8) for _ in range(16)]
+    assert sum(1 for d in drafts if d) == 2  # a probe every 8 steps
+    good = type("S", (), {"request_id": "g", "token_ids": [1, 2, 1, 2, 1], "finish_reason": None,
+                          "output_token_ids": []})()
+    p.propose(good, 8)
+    for _ in range(4):
+        p.record(good, 2, 2)
+    assert p.wants(good) and p.propose(good, 8)
