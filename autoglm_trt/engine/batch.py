@@ -119,9 +119,32 @@ def build_decode_batch(out: SchedulerOutput, block_size: int) -> StepBatch:
                      list(range(n)), [], True)
 
 
+def build_verify_batch(out: SchedulerOutput, block_size: int) -> StepBatch:
+    """Drafts to verify, as a decode batch: each row's last known token and each draft token is a row of its
+    own that attends to the sequence's KV up to itself (seq_len = its index + 1; every row's K/V is stored
+    before attention runs), so the step replays a decode CUDA graph of 1 + k rows per sequence instead of an
+    eager prefill. Row order is the sampler's: a sequence's positions in order, sequences in batch order."""
+    ids, pos, slots, lens, tables = [], [], [], [], []
+    for sch in out.scheduled:
+        seq = sch.seq
+        for j, tok in enumerate(sch.input_ids):
+            i = sch.start + j
+            ids.append(tok)
+            pos.append(i + seq.mrope_delta)
+            slots.append(slot_of(seq, i, block_size))
+            lens.append(i + 1)
+            tables.append(seq.block_table)
+    n = len(ids)
+    positions = torch.tensor(pos, dtype=torch.long).expand(3, -1)
+    return StepBatch(ids, positions, slots, list(range(n + 1)), lens, tables, list(range(n)), [], True)
+
+
 def build_batch(out: SchedulerOutput, block_size: int) -> StepBatch:
-    if out.is_decode and all(s.start >= s.seq.num_prompt_tokens for s in out.scheduled):
+    past_prompts = all(s.start >= s.seq.num_prompt_tokens for s in out.scheduled)
+    if out.is_decode and past_prompts:
         return build_decode_batch(out, block_size)
+    if out.has_drafts and past_prompts and all(s.num_new_tokens == 1 + len(s.draft) for s in out.scheduled):
+        return build_verify_batch(out, block_size)
     ids, pos, slots, cu, lens, tables, logits_idx, images = [], [], [], [0], [], [], [], []
     for sch in out.scheduled:
         seq, start, end = sch.seq, sch.start, sch.start + sch.num_new_tokens

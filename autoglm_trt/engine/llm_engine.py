@@ -81,7 +81,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_blocks,
                                    eos_token_ids=self.tokenizer.eos_token_ids or self.model_config.eos_token_ids,
                                    max_window_rows=self.runner.max_window_rows,
-                                   proposer=Proposer(config.speculative) if config.speculative.enabled else None)
+                                   proposer=Proposer(config.speculative) if config.speculative.enabled else None,
+                                   max_verify_rows=self.runner.max_graph_rows)
         self.output = OutputProcessor(self.tokenizer, self.scheduler)
         self.constraints = Constraints(self.tokenizer, self.model_config.text.vocab_size,
                                        config.scheduler.max_num_seqs, self.device)

@@ -153,6 +153,11 @@ class ModelRunner:
             self.encoder_cache.put(img.content_hash, emb)
 
     @property
+    def max_graph_rows(self) -> int:
+        """The largest decode batch that replays a CUDA graph (0: none captured)."""
+        return self.graphs.batch_sizes[-1] if self.graphs is not None and not self.graphs.eager else 0
+
+    @property
     def max_window_rows(self) -> int:
         """The largest decode batch a multi-step window can run (0: no multi-step buffers)."""
         return self.graphs.batch_sizes[-1] if self.graphs is not None and self.graphs.max_steps > 1 else 0

@@ -85,9 +85,13 @@ def out_is_window(out: SchedulerOutput) -> bool:
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
-                 eos_token_ids: Iterable[int] = (), max_window_rows: int = 0, proposer: Proposer | None = None) -> None:
+                 eos_token_ids: Iterable[int] = (), max_window_rows: int = 0, proposer: Proposer | None = None,
+                 max_verify_rows: int = 0) -> None:
         self.config = scheduler_config
         self.proposer = proposer  # speculative drafts for small greedy decode batches (engine/speculative.py)
+        # a verification runs as a decode batch of 1 + k rows per sequence: at most this many rows (the largest
+        # decode CUDA graph; 0: no bound, eager steps)
+        self.max_verify_rows = max_verify_rows
         # windows of num_decode_steps greedy tokens for decode batches of at most this many rows (0: never;
         # the runner's multi-step buffers set it)
         self.max_window_rows = max_window_rows if (scheduler_config.num_decode_steps or 1) > 1 else 0
@@ -328,6 +332,8 @@ class Scheduler:
         if self.proposer is None or not out.is_decode or len(out.scheduled) > self.proposer.cfg.max_batch_size:
             return False
         budget = self.config.max_num_batched_tokens - out.num_batched_tokens
+        if self.max_verify_rows:
+            budget = min(budget, self.max_verify_rows - out.num_batched_tokens)
         for sch in out.scheduled:
             seq, p = sch.seq, sch.seq.params
             if sch.start < seq.num_prompt_tokens or not p.is_greedy or p.logprobs is not None or seq.grammar:

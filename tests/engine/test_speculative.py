@@ -171,3 +171,20 @@ def test_rows_whose_drafts_do_not_pay_mostly_stop_speculating():
     for _ in range(4):
         p.record(good, 2, 2)
     assert p.wants(good) and p.propose(good, 8)
+
+
+def test_verification_is_a_decode_batch_of_one_row_per_position(tiny_model_dir, plain):
+    """So a GPU verifies inside the decode CUDA graphs: each position a row, seq_len its index + 1."""
+    llm = LLM(str(tiny_model_dir), speculative="ngram", **KW)
+    runner, seen = llm.engine.runner, []
+    forward = runner.forward_logits
+
+    def spy(batch):
+        if batch.is_decode and len(set(map(tuple, batch.block_tables))) < len(batch.block_tables):
+            seen.append(list(batch.seq_lens))  # several rows share a sequence: a verification
+        return forward(batch)
+
+    runner.forward_logits = spy
+    prompt = "1 2 3 4 " * 20
+    assert llm.generate(prompt, greedy(60))[0].token_ids == plain.generate(prompt, greedy(60))[0].token_ids
+    assert seen and all(lens == list(range(lens[0], lens[0] + len(lens))) for lens in seen)
