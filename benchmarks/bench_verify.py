@@ -1,6 +1,7 @@
-"""What verifying a speculation costs: one engine step of q query tokens per row (q = 1 is the plain decode step,
-replayed from its CUDA graph; q > 1 is a verification of q - 1 drafts, run eagerly), at batch 1 and 8, over a
-context of --context tokens, on the 9B.
+"""What verifying a speculation costs: one engine step of q query tokens per row (q = 1 is the plain decode step;
+q > 1 a verification of q - 1 drafts), at batch 1 and 8, over a context of --context tokens, on the 9B. Both
+layouts: "graph" is the engine's (engine/batch.build_verify_batch: one decode row per position, replayed from
+the decode CUDA graph of batch x q rows), "eager" the prefill-shaped step it replaced.
 
     python benchmarks/bench_verify.py --model-dir /tmp/phone-9b [--context 2048] [--json verify.json]
 
@@ -43,6 +44,22 @@ def prefilled(llm: LLM, batch: int, context: int) -> list:
     return seqs
 
 
+def verify_batch(seqs: list, q: int, block_size: int) -> StepBatch:
+    """The engine's layout: a decode row per position, each attending to the KV up to itself."""
+    ids, pos, slots, lens, tables = [], [], [], [], []
+    for s in seqs:
+        start = s.num_tokens - 1
+        for j in range(q):
+            ids.append(s.last_token if j == 0 else 1000 + j)
+            pos.append(start + j)
+            slots += slots_for(s, start + j, start + j + 1, block_size)
+            lens.append(start + j + 1)
+            tables.append(s.block_table)
+    n = len(ids)
+    return StepBatch(ids, torch.tensor(pos).expand(3, -1), slots, list(range(n + 1)), lens, tables, list(range(n)),
+                     [], True)
+
+
 def step_batch(seqs: list, q: int, block_size: int) -> StepBatch:
     ids, pos, slots, cu, lens = [], [], [], [0], []
     for s in seqs:
@@ -67,19 +84,21 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    llm = LLM(args.model_dir, dtype="bfloat16", max_model_len=args.context + 128, max_num_seqs=8,
+    llm = LLM(args.model_dir, dtype="bfloat16", max_model_len=args.context + 128, max_num_seqs=128,
               gpu_memory_utilization=0.85, **({"quant": args.quant} if args.quant != "none" else {}))
     print(f"engine start-up {time.perf_counter() - t0:.1f} s")
     runner, bs = llm.engine.runner, llm.engine.config.cache.block_size
     res = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "args": vars(args), "ms": {}}
     for batch in (int(b) for b in args.batches.split(",")):
         seqs = prefilled(llm, batch, args.context)
-        row = res["ms"][batch] = {}
-        for q in (int(x) for x in args.queries.split(",")):
-            b = step_batch(seqs, q, bs)
-            row[q] = _time_ms(lambda: runner.forward_logits(b).argmax(-1), args.iters)
-        base = row[1]
-        print(f"batch {batch}: " + "  ".join(f"q={q}: {ms:.2f} ms ({ms / base:.2f}x)" for q, ms in row.items()))
+        for layout, make in (("graph", verify_batch), ("eager", step_batch)):
+            row = res["ms"].setdefault(layout, {}).setdefault(batch, {})
+            for q in (int(x) for x in args.queries.split(",")):
+                b = make(seqs, q, bs)
+                row[q] = _time_ms(lambda: runner.forward_logits(b).argmax(-1), args.iters)
+            base = res["ms"]["graph"][batch][1]
+            print(f"{layout} batch {batch}: " + "  ".join(f"q={q}: {ms:.2f} ms ({ms / base:.2f}x)"
+                                                         for q, ms in row.items()))
         for s in seqs:
             llm.engine.abort_request(s.request_id)
     if args.json:

@@ -11,6 +11,7 @@
 #   int8 / fp8  the same with --quant int8-wo / fp8                                    -> decode_{int8,fp8}.json
 #   kernels     bench_int4.py (INT4 GEMV/GEMM candidates vs cuBLAS and the bandwidth floor) -> bench_int4.json
 #   verify      bench_verify.py: one step of 1..16 query tokens per row at batch 1 and 8 -> verify.json
+#   structured  bench_structured_gpu.py: JSON-schema constrained vs free rows at batch 1 and 32 -> structured.json
 #   agent       agent_gpu.py: serve + the agent workload (AGENT_QUANTS, AGENT_SPEC, the old tree too) -> agent_gpu.json
 # The phone-9b random checkpoint is written to /tmp/phone-9b first (27 s on an H100) when a part needs it.
 set -uo pipefail
@@ -21,7 +22,7 @@ t0=$(date +%s)
 say() { echo "== $1 ($(( $(date +%s) - t0 )) s)"; }
 has() { [[ $parts == *,$1,* ]]; }
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
-if has decode || has decode_old || has int4 || has int8 || has fp8 || has verify || has agent; then
+if has decode || has decode_old || has int4 || has int8 || has fp8 || has verify || has agent || has structured; then
   say "init-random phone-9b"
   timeout 150 python -m autoglm_trt.cli init-random /tmp/phone-9b --preset phone-9b --device cuda >/dev/null
 fi
@@ -49,6 +50,11 @@ if has verify; then
   say "bench_verify"
   timeout "${VERIFY_S:-150}" python benchmarks/bench_verify.py --model-dir /tmp/phone-9b --json "$out/verify.json" 2>&1 | tail -20
 fi
+if has structured; then
+  say "bench_structured_gpu"
+  timeout "${STRUCTURED_S:-150}" python benchmarks/bench_structured_gpu.py --model-dir /tmp/phone-9b \
+    --json "$out/structured.json" 2>&1 | grep -v "━" | tail -12
+fi
 if has agent; then
   say "agent_gpu"
   timeout "${AGENT_S:-300}" python benchmarks/agent_gpu.py --out "$out" --quants "${AGENT_QUANTS:-fp8}" \
@@ -56,7 +62,7 @@ if has agent; then
 fi
 if has tests; then
   say "GPU tests"
-  timeout "${TESTS_S:-150}" python -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/plugins/test_int4_gemm.py \
-    tests/plugins/test_bitmask.py 2>&1 | tail -25 | tee "$out/gpu_tests.log"
+  timeout "${TESTS_S:-150}" python -m pytest -q -m gpu -p no:cacheprovider ${TESTS:-tests/engine tests/plugins/test_int4_gemm.py \
+    tests/plugins/test_bitmask.py} 2>&1 | tail -25 | tee "$out/gpu_tests.log"
 fi
 say "done"

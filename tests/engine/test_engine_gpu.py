@@ -64,3 +64,23 @@ def test_multi_step_decode_equals_single_step(tiny_model_dir):
     assert [len(x.token_ids) for x in b][:2] == [29, 21]
     stats = multi.engine.get_stats()
     assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_speculation_in_cuda_graphs_gives_greedy_tokens(tiny_model_dir):
+    """Drafts verified through the decode CUDA graphs (one row per position) and structured outputs on the GPU
+    keep plain greedy decoding's tokens / the grammar."""
+    from autoglm_trt.processing.structured import StructuredOutputs
+
+    kw = dict(device="cuda", dtype="float32", max_model_len=1024, num_blocks=256, cuda_graph_batch_sizes=(1, 2, 4, 8, 16))
+    plain, spec = LLM(str(tiny_model_dir), **kw), LLM(str(tiny_model_dir), speculative="ngram", **kw)
+    prompts = ["1 2 3 4 " * 20, *PROMPTS]
+    params = [SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=40, frequency_penalty=0.2, ignore_eos=True)]
+    for p in params:
+        assert [o.token_ids for o in spec.generate(prompts, p)] == [o.token_ids for o in plain.generate(prompts, p)]
+    assert spec.engine.get_stats().spec.num_accepted_tokens > 0
+    so = StructuredOutputs.regex(r"(Tap|Swipe) \[[0-9]{1,3},[0-9]{1,3}\]")
+    outs = plain.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=30, structured_outputs=so))
+    import re
+
+    assert all(re.fullmatch(r"(Tap|Swipe) \[[0-9]{1,3},[0-9]{1,3}\]", o.text) for o in outs)
