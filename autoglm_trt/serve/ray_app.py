@@ -160,7 +160,9 @@ def run_ray(config: ServerConfig, args: EngineArgs, opts: ReplicaOptions, addres
         raise UserError("--replicas runs the replicas on Ray Serve, which is not installed: "
                         "pip install 'autoglm-trt[ray]'") from None
     local = {} if address else {"num_cpus": max(os.cpu_count() or 1, opts.replicas * int(opts.num_cpus or 1))}
-    ray.init(address=address, namespace=APP_NAME, logging_level=logging.WARNING, **local)
+    # NOTE: "local" always starts a new cluster (None would join one that `ray start` left on this machine)
+    ray.init(address=address or "local", namespace=APP_NAME, logging_level=logging.WARNING, include_dashboard=False,
+             **local)
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         log(f"deploying {opts.replicas} replica(s) of {args.model_dir} on Ray "
