@@ -112,20 +112,28 @@ def build_application(config: ServerConfig, args: EngineArgs, opts: ReplicaOptio
 
 # ---- `serve run autoglm_trt.serve.ray_app:app key=value ...` ------------------------------------------------------
 def app(raw: dict[str, Any]) -> Any:
-    """Ray Serve's application builder: keys of EngineArgs (`model` for model_dir), ServerConfig (served_model_name,
-    max_queue, ...) and ReplicaOptions; values as typed YAML or as command-line strings."""
+    """Ray Serve's application builder: keys of EngineArgs (`model` for model_dir: a directory, or a hub id in the
+    node's Hugging Face cache), ServerConfig (served_model_name, max_queue, ...) and ReplicaOptions; values as
+    typed YAML or as command-line strings."""
+    from autoglm_trt.utils.hub import resolve_model
+
+    config, args, opts = parse_app_args(raw)
+    return build_application(config, dataclasses.replace(args, model_dir=str(resolve_model(args.model_dir))), opts)
+
+
+def parse_app_args(raw: dict[str, Any]) -> tuple[ServerConfig, EngineArgs, ReplicaOptions]:
+    """The builder's arguments, typed and checked (ValueError naming the key); nothing is loaded."""
     raw = dict(raw)
     if "model" in raw:
         raw["model_dir"] = raw.pop("model")
-    parts = {cls: _typed(cls, {k: v for k, v in raw.items() if k in _fields(cls)})
-             for cls in (EngineArgs, ServerConfig, ReplicaOptions)}
-    unknown = set(raw) - set().union(*(_fields(cls) for cls in parts))
+    if "model_dir" not in raw:
+        raise ValueError("the application needs `model` (a checkpoint or engine directory, or a hub id)")
+    classes = (ServerConfig, EngineArgs, ReplicaOptions)
+    unknown = set(raw) - set().union(*(_fields(cls) for cls in classes))
     if unknown:
         raise ValueError(f"unknown application arguments: {', '.join(sorted(unknown))}")
-    if "model_dir" not in raw:
-        raise ValueError("the application needs `model` (a checkpoint or engine directory on every node)")
-    return build_application(ServerConfig(**parts[ServerConfig]), EngineArgs(**parts[EngineArgs]),
-                             ReplicaOptions(**parts[ReplicaOptions]))
+    config, args, opts = (cls(**_typed(cls, {k: v for k, v in raw.items() if k in _fields(cls)})) for cls in classes)
+    return config, args, opts
 
 
 def _fields(cls: type) -> set[str]:
