@@ -115,7 +115,8 @@ def _run_replicas(o: dict, notes: list[str]) -> None:
     from autoglm_trt.serve.ray_app import ReplicaOptions, run_ray
 
     try:
-        replica_opts = ReplicaOptions(replicas=o["replicas"] or 1, max_replicas=o["max_replicas"])
+        replicas = o["replicas"] if o["replicas"] is not None else 1
+        replica_opts = ReplicaOptions(replicas=replicas, max_replicas=o["max_replicas"])
     except ValueError as exc:
         raise UserError(f"--replicas / --max-replicas: {exc}") from None
     run_ray(_server_config(o), _engine_args(o), replica_opts, o["ray_address"], notes)

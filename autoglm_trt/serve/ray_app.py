@@ -38,10 +38,11 @@ class ReplicaOptions:
     saturation: int | None = None  # ongoing requests at which a session's replica is passed over (default: max-num-seqs)
     num_gpus: float | None = None  # per replica (default: the tensor-parallel size where the cluster has GPUs, else 0)
     num_cpus: float | None = None  # per replica (default: 1 without GPUs, else 0)
+    ingress_replicas: int = 1  # OpenAI front ends (they build prompts and decode images: add some for many replicas)
 
     def __post_init__(self) -> None:
-        if self.replicas < 1:
-            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.replicas < 1 or self.ingress_replicas < 1:
+            raise ValueError(f"replicas and ingress_replicas must be >= 1, got {self.replicas}, {self.ingress_replicas}")
         if self.max_replicas is not None and self.max_replicas < self.replicas:
             raise ValueError(f"max_replicas must be >= replicas ({self.replicas}), got {self.max_replicas}")
         for name in ("target_ongoing_requests", "saturation"):
@@ -105,7 +106,7 @@ def build_application(config: ServerConfig, args: EngineArgs, opts: ReplicaOptio
             request_routing_stats_period_s=2),
         health_check_period_s=5, graceful_shutdown_timeout_s=10, **scaling,
     ).bind(args, config.max_queue, config.served_model_name)
-    ingress = serve.deployment(serve.ingress()(OpenAIIngress), name="OpenAIIngress",
+    ingress = serve.deployment(serve.ingress()(OpenAIIngress), name="OpenAIIngress", num_replicas=opts.ingress_replicas,
                                max_ongoing_requests=_INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0})
     return ingress.bind(engine, config)
 

@@ -183,3 +183,17 @@ def test_killing_a_replica_mid_run_loses_no_unstarted_request(ray_server):
     while len(_engine_replica_pids(ray_server.proc.pid)) < 2 and time.monotonic() < deadline:
         time.sleep(1)
     assert len(_engine_replica_pids(ray_server.proc.pid)) == 2
+
+
+@pytest.mark.parametrize("args,message", [(["--replicas", "0"], "replicas"),
+                                          (["--replicas", "2", "--max-replicas", "1"], "max_replicas")])
+def test_bad_replica_options_are_one_error_line(tiny_model_dir, args, message):
+    import subprocess
+
+    from serve_harness import cli_command
+
+    result = subprocess.run([*cli_command(), "serve", str(tiny_model_dir), "--port", str(free_port()), *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
