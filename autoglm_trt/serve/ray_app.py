@@ -62,6 +62,21 @@ class OpenAIIngress:
         frontend = await asyncio.to_thread(Frontend, info)
         metrics = ServeMetrics(config.served_model_name)
         self.state = ServeState(config, RayEngineClient(engine, metrics, frontend), metrics)
+        self.grpc = await self._start_grpc(config) if config.grpc_port >= 0 else None
+
+    async def _start_grpc(self, config: ServerConfig) -> Any:
+        """Our KServe v2 server (health, reflection, API key, streaming) on --grpc-port, in this ingress replica
+        over the same RayEngineClient. NOTE: beside Ray Serve's gRPC proxy, not through it: see README."""
+        from autoglm_trt.serve.grpc.server import GrpcServer
+
+        server = GrpcServer(self.state)
+        try:
+            await server.start(config.host, config.grpc_port)
+        except Exception as exc:  # noqa: BLE001 - another ingress replica on this node holds the port
+            logger.warning("no KServe gRPC endpoint in this ingress replica (port %d: %s)", config.grpc_port, exc)
+            return None
+        await server.set_serving(True)
+        return server
 
     def __serve_build_asgi_app__(self) -> Any:
         from autoglm_trt.serve.app import build_app
@@ -106,8 +121,10 @@ def build_application(config: ServerConfig, args: EngineArgs, opts: ReplicaOptio
             request_routing_stats_period_s=2),
         health_check_period_s=5, graceful_shutdown_timeout_s=10, **scaling,
     ).bind(args, config.max_queue, config.served_model_name)
+    # NOTE: on the head node, so that the gRPC endpoint (one per node) is at a known address
     ingress = serve.deployment(serve.ingress()(OpenAIIngress), name="OpenAIIngress", num_replicas=opts.ingress_replicas,
-                               max_ongoing_requests=_INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0})
+                               max_ongoing_requests=_INGRESS_MAX_ONGOING,
+                               ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}})
     return ingress.bind(engine, config)
 
 
@@ -152,16 +169,15 @@ def _typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
 def run_ray(config: ServerConfig, args: EngineArgs, opts: ReplicaOptions, address: str | None,
             notes: list[str] | None = None) -> None:
     """Start (or join, with `address`) a Ray cluster, deploy the application and serve until SIGINT/SIGTERM."""
-    from autoglm_trt.serve.server import bind_http, check_engine_args
+    from autoglm_trt.serve.server import bind_http, check_engine_args, check_grpc_port
     from autoglm_trt.utils.logging import configure_logging, log
 
     configure_logging(config.log_format, config.log_level)
     for note in notes or []:
         log(note)
     check_engine_args(args)
-    if config.grpc_port >= 0:
-        log("note: no KServe gRPC endpoint under Ray (README: `--replicas`); --grpc-port is ignored")
     bind_http(config.host, config.port).close()  # NOTE: a taken port is one error line, not Ray's traceback
+    check_grpc_port(config.host, config.grpc_port)
     try:
         import ray
         from ray import serve
@@ -177,7 +193,8 @@ def run_ray(config: ServerConfig, args: EngineArgs, opts: ReplicaOptions, addres
         log(f"deploying {opts.replicas} replica(s) of {args.model_dir} on Ray "
             f"({'cluster ' + address if address else 'a local cluster'})")
         serve.run(build_application(config, args, opts), name=APP_NAME, route_prefix="/")
-        log(f"ready: serving `{config.served_model_name}` at http://{config.host}:{config.port}/v1 "
+        grpc = f" and KServe v2 gRPC {config.host}:{config.grpc_port}" if config.grpc_port >= 0 else ""
+        log(f"ready: serving `{config.served_model_name}` at http://{config.host}:{config.port}/v1{grpc} "
             f"with {opts.replicas} replica(s)")
         _wait_for_signal()
     finally:

@@ -30,9 +30,9 @@ MODEL_LEN = ["--max-model-len", "4096", "--device", "cpu", "--dtype", "float32"]
 
 @pytest.fixture(scope="module")
 def ray_server(tiny_model_dir):
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     server = CliServer(["serve", str(tiny_model_dir), "--replicas", "2", "--host", "127.0.0.1", "--port", str(port),
-                        "--grpc-port", "-1", *MODEL_LEN], port, timeout=300)
+                        "--grpc-port", str(grpc_port), *MODEL_LEN], port, grpc_port, timeout=300)
     yield server
     server.stop()
 
@@ -130,6 +130,38 @@ def test_plain_serve_metrics_carry_vllm_gauges_for_gateways(single_server):
         assert f"\n{name}{{" in text, name
     hits = [line for line in text.splitlines() if line.startswith("vllm:prefix_cache_hits_total{")]
     assert float(hits[0].split()[-1]) > 0  # the sessions above hit the cache
+
+
+def test_kserve_grpc_through_the_ray_ingress_equals_a_single_server(ray_server, single_server):
+    """tritonclient's ModelInfer and decoupled ModelStreamInfer on the replicas, greedy, as on one `serve`."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+    from test_serve_e2e_grpc import ensemble_inputs
+
+    def infer(server) -> tuple[bytes, list, list]:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+        assert client.is_server_ready() and client.is_model_ready("ensemble")
+        whole = client.infer("ensemble", ensemble_inputs("Go home", 5, False))
+        results: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        try:
+            client.async_stream_infer("ensemble", ensemble_inputs("Go home", 5, True))
+            pieces, logprobs = [], []
+            while True:
+                result, error = results.get(timeout=60)
+                assert error is None, error
+                pieces.append(result.as_numpy("text_output")[0, 0])
+                logprobs += result.as_numpy("output_log_probs").reshape(-1).tolist()
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    break
+        finally:
+            client.stop_stream()
+        return whole.as_numpy("text_output")[0, 0], pieces, logprobs
+
+    (ray_text, ray_pieces, ray_lp), (text, pieces, lp) = infer(ray_server), infer(single_server)
+    assert ray_text == text and ray_pieces == pieces and len(pieces) == 5
+    assert ray_lp == pytest.approx(lp, abs=1e-4)
 
 
 def _engine_replica_pids(root: int) -> list[int]:
