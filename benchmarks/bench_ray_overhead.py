@@ -110,7 +110,8 @@ def main() -> None:
             proc.wait(60)
     a, b = results["serve"], results["ray_1_replica"]
     results["added_ms"] = {k: round(b[k] - a[k], 3) for k in a}
-    results["machine"] = f"{platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}"
+    results["machine"] = (f"{platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}, "
+                          f"Python {platform.python_version()}")
     results["date"] = time.strftime("%Y-%m-%d")
     results["command"] = " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     print(json.dumps(results, indent=2))

@@ -35,14 +35,15 @@ class ReplicaOptions:
     replicas: int = 1  # replicas at start (the minimum when autoscaling)
     max_replicas: int | None = None  # autoscale between `replicas` and this on ongoing requests per replica
     target_ongoing_requests: int | None = None  # per replica, for the autoscaler (default: max-num-seqs)
-    saturation: int | None = None  # ongoing requests at which a session's replica is passed over (default: max-num-seqs)
+    saturation: int | None = None  # ongoing requests at which a session's replica is passed over (max-num-seqs)
     num_gpus: float | None = None  # per replica (default: the tensor-parallel size where the cluster has GPUs, else 0)
     num_cpus: float | None = None  # per replica (default: 1 without GPUs, else 0)
     ingress_replicas: int = 1  # OpenAI front ends (they build prompts and decode images: add some for many replicas)
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.ingress_replicas < 1:
-            raise ValueError(f"replicas and ingress_replicas must be >= 1, got {self.replicas}, {self.ingress_replicas}")
+            raise ValueError(f"replicas and ingress_replicas must be >= 1, got {self.replicas} and "
+                             f"{self.ingress_replicas}")
         if self.max_replicas is not None and self.max_replicas < self.replicas:
             raise ValueError(f"max_replicas must be >= replicas ({self.replicas}), got {self.max_replicas}")
         for name in ("target_ongoing_requests", "saturation"):

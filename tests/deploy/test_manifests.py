@@ -53,7 +53,8 @@ def test_serve_deployment_and_service_follow_kubernetes_schemas():
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"} and ports["http"] == 8000
     args = container["args"]
-    assert args[args.index("--port") + 1] == str(ports["http"]) and args[args.index("--grpc-port") + 1] == str(ports["grpc"])
+    assert args[args.index("--port") + 1] == str(ports["http"])
+    assert args[args.index("--grpc-port") + 1] == str(ports["grpc"])
     assert docs["Service"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
 
 

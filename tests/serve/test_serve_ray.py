@@ -88,8 +88,8 @@ async def run_session(client, session: int, steps: int, first_step: int = 0, ret
     for k in range(steps):
         text = f"Task {session}: open the app number {session} and check the weather" if k == 0 else \
             f'** Screen Info **\n{{"current_app": "App{session}-{k}"}}'
-        messages.append({"role": "user", "content": [{"type": "text", "text": text},
-                                                     {"type": "image_url", "image_url": {"url": screenshot(session, k + first_step)}}]})
+        shot = {"type": "image_url", "image_url": {"url": screenshot(session, k + first_step)}}
+        messages.append({"role": "user", "content": [{"type": "text", "text": text}, shot]})
         step = await one_step(client, messages, session, use_header=session % 2 == 0)
         if step.error is not None and retry:  # the agent sends a failed step again
             out.append(step)

@@ -73,8 +73,8 @@ class RouteMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == SESSION_HEADER.encode()),
-                      None)
+        wanted = SESSION_HEADER.encode()
+        header = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == wanted), None)
         ctx = RouteContext(header)
 
         async def recording_receive() -> Message:
