@@ -93,7 +93,7 @@ def test_rayservice_serve_config_builds_our_application():
     (application,) = config.applications
     assert application.import_path == "autoglm_trt.serve.ray_app:app"
     server, engine, replicas = parse_app_args(application.args)
-    assert engine.max_model_len == 25480 and server.served_model_name == "autoglm-phone-9b"
+    assert engine.max_model_len == 25480 and server.served_model_name == "autoglm-phone-9b" and engine.device == "cuda"
     assert replicas.replicas == 2 and replicas.max_replicas == 4
     workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     assert workers["maxReplicas"] >= replicas.max_replicas  # one GPU worker per engine replica
