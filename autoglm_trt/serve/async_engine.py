@@ -115,6 +115,8 @@ class AsyncEngineClient:
     def _adopt(self, engine: Any, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._stats = engine.get_stats()
+        cache = engine.config.cache
+        self.metrics.describe_cache(cache.block_size, getattr(cache, "enable_prefix_caching", True))
         self.engine = engine
         self._started.set()
 

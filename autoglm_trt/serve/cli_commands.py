@@ -83,6 +83,11 @@ def serve_cmd(
                                               "matches in the prompt and output) | suffix (also recent outputs) | off"),
     speculative_config: Optional[str] = typer.Option(None, help="vLLM's JSON spelling, e.g. '{\"method\": \"ngram\", "
                                                      "\"num_speculative_tokens\": 8}'"),
+    replicas: Optional[int] = typer.Option(None, help="run N engine replicas on Ray Serve (pip install "
+                                           "'autoglm-trt[ray]'), each agent session kept on one replica"),
+    max_replicas: Optional[int] = typer.Option(None, help="with --replicas: autoscale up to this many replicas"),
+    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="with --replicas: join this Ray "
+                                              "cluster (e.g. auto, or HEAD_IP:6379) instead of starting a local one"),
 ) -> None:
     """Serve the model: OpenAI API over HTTP and KServe v2 over gRPC (/health is 503 until loaded)."""
     opts = dict(locals())  # NOTE: first statement: exactly the options above
@@ -98,9 +103,24 @@ def serve_cmd(
     notes = [accepted_flag_note(f) for f in accepted_flag or []]
     if opts["model_dir"] != name:
         notes.append(f"{name}: found in the Hugging Face cache at {opts['model_dir']}")
+    if replicas is not None or max_replicas is not None:
+        _run_replicas(opts, notes)
+        return
     from autoglm_trt.serve.server import run_server  # NOTE: after the cheap checks: it imports the whole stack
 
     run_server(_server_config(opts), _engine_args(opts), notes)
+
+
+def _run_replicas(o: dict, notes: list[str]) -> None:
+    """`serve --replicas N`: the same options, served by N engine replicas on Ray Serve."""
+    from autoglm_trt.serve.ray_app import ReplicaOptions, run_ray
+
+    try:
+        replicas = o["replicas"] if o["replicas"] is not None else 1
+        replica_opts = ReplicaOptions(replicas=replicas, max_replicas=o["max_replicas"])
+    except ValueError as exc:
+        raise UserError(f"--replicas / --max-replicas: {exc}") from None
+    run_ray(_server_config(o), _engine_args(o), replica_opts, o["ray_address"], notes)
 
 
 def _server_config(o: dict):

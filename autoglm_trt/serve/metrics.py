@@ -43,6 +43,8 @@ class _EngineCollector:
         self.labels = {"model_name": model_name}
         self.get_stats = get_stats
         self.get_in_flight = get_in_flight
+        self.block_size: int | None = None  # set by ServeMetrics.describe_cache once the engine is loaded
+        self.prefix_caching = True
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         g = GaugeMetricFamily(name, doc, labels=list(self.labels))
@@ -73,8 +75,26 @@ class _EngineCollector:
                             "cache.", s.prefix_cache_queries)
         yield self._counter("autoglm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                             s.prefix_cache_hits)
+        yield from self._gateway(s)
         if getattr(s, "spec", None) is not None:
             yield from self._spec_decode(s.spec)
+
+    def _gateway(self, s):
+        """The engine state under vLLM's names: Kubernetes gateways that pick pods by them (the Gateway API
+        inference extension's endpoint picker, llm-d's scorers) read a `serve` pod as they read vLLM's."""
+        yield self._gauge("vllm:num_requests_running", "Requests in the running batch.", s.num_running)
+        yield self._gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
+        yield self._gauge("vllm:kv_cache_usage_perc", "KV cache usage; 1 means 100 percent.", s.kv_usage)
+        yield self._gauge("vllm:gpu_cache_usage_perc", "KV cache usage; 1 means 100 percent (vLLM's name before "
+                          "0.10, still read by older endpoint pickers).", s.kv_usage)
+        yield self._counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                            s.prefix_cache_queries)
+        yield self._counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
+        if self.block_size is not None:
+            info = GaugeMetricFamily("vllm:cache_config_info", "The KV cache's configuration (in the labels).",
+                                     labels=["block_size", "num_gpu_blocks", "enable_prefix_caching"])
+            info.add_metric([str(self.block_size), str(s.num_total_blocks), str(self.prefix_caching).lower()], 1)
+            yield info
 
     def _spec_decode(self, spec):
         """Speculative decoding's counters, under vLLM's names (accepted / drafts = tokens gained per step)."""
@@ -115,7 +135,12 @@ class ServeMetrics:
                                         registry=self.registry)
 
     def attach_engine(self, get_stats: Callable[[], Any], get_in_flight: Callable[[], int]) -> None:
-        self.registry.register(_EngineCollector(self.model_name, get_stats, get_in_flight))
+        self._engine = _EngineCollector(self.model_name, get_stats, get_in_flight)
+        self.registry.register(self._engine)
+
+    def describe_cache(self, block_size: int, prefix_caching: bool) -> None:
+        """The KV cache's block size for vllm:cache_config_info (gateways hash prompts in blocks of this size)."""
+        self._engine.block_size, self._engine.prefix_caching = block_size, prefix_caching
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.labels(self.model_name).observe(seconds)

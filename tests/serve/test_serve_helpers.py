@@ -101,7 +101,7 @@ def test_sampling_range_errors_are_400(fields, param):
 def test_metrics_exposition():
     m = ServeMetrics("autoglm-phone-9b")
     stats = SimpleNamespace(num_running=2, num_waiting=1, kv_usage=0.25, num_free_blocks=75,
-                            num_total_blocks=100, prefix_cache_queries=40, prefix_cache_hits=10)
+                            num_total_blocks=100, prefix_cache_queries=40, prefix_cache_hits=10, spec=None)
     m.attach_engine(lambda: stats, lambda: 3)
     m.observe_first_token(0.05)
     m.observe_inter_token(0.02, 2)
