@@ -40,6 +40,10 @@ def log_records(server) -> list[dict]:
 
 
 def test_start_up_log_is_json_and_names_what_was_loaded(server):
+    deadline = time.monotonic() + 30  # NOTE: /health turns 200 when the engine is in; the log lines follow it
+    while not any(r["message"].startswith("ready: serving") for r in log_records(server)):
+        assert time.monotonic() < deadline, "no 'ready: serving' line within 30 s"
+        time.sleep(0.2)
     messages = [r["message"] for r in log_records(server)]
     loaded = next(m for m in messages if m.startswith("model loaded"))
     assert "dtype float32, quantization none, tp 1" in loaded, loaded
